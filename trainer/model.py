@@ -1,0 +1,25 @@
+"""The two-tower retrieval model: query tower, candidate tower, objective.
+
+A ``tfrs.Model`` so that ``fit`` drives ``compute_loss``. Batches are dicts:
+``{"query": {user features}, "candidate": {item features}, "item_prob": [B]}``.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from trainer.towers import Tower
+
+
+class TwoTowerModel(tfrs.Model):
+    def __init__(self, query_tower: Tower, candidate_tower: Tower,
+                 objective: tf.keras.layers.Layer, **kwargs):
+        super().__init__(**kwargs)
+        self.query_tower = query_tower
+        self.candidate_tower = candidate_tower
+        self.objective = objective
+
+    def compute_loss(self, batch, training=False) -> tf.Tensor:
+        query = self.query_tower(batch["query"], training=training)
+        candidate = self.candidate_tower(batch["candidate"], training=training)
+        return self.objective(query, candidate, batch, training=training)

@@ -1,0 +1,62 @@
+"""Write a finished run's artifacts (layout in docs/ARTIFACTS.md).
+
+Towers are saved as SavedModels with an explicit ``serving_default``
+signature (one named ``[None]`` input per raw feature, output ``embedding``)
+and a callable ``embed(features)``, so export can load them with plain
+``tf.saved_model.load`` - no trainer code needed downstream.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import tensorflow as tf
+
+from trainer.config import RunConfig
+from trainer.features import RAW_DTYPES
+from trainer.report import write_report
+from trainer.towers import Tower
+
+
+def save_tower(tower: Tower, path: Path) -> None:
+    """SavedModel: raw feature dict -> {"embedding": [batch, d] float32}."""
+    module = tf.Module()
+    module.tower = tower
+    module.embed = tf.function(lambda features: {"embedding": tower(features, training=False)},
+                               input_signature=[tower.input_signature])
+    signature = module.embed.get_concrete_function()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
+
+
+def feature_spec(config: RunConfig, embedding_dim: int) -> dict:
+    def describe(specs):
+        out = []
+        for s in specs:
+            d = {"name": s.name, "kind": s.type, "dtype": RAW_DTYPES[s.type].name}
+            if s.type == "multi_categorical":
+                d["separator"] = s.separator
+            out.append(d)
+        return out
+
+    return {"query": describe(config.features.user),
+            "candidate": describe(config.features.item),
+            "embedding_dim": embedding_dim,
+            "user_id_feature": "user_id", "item_id_feature": "item_id"}
+
+
+def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos: pd.DataFrame,
+                       metrics: dict, history: dict) -> None:
+    save_tower(model.query_tower, out / "towers" / "query")
+    save_tower(model.candidate_tower, out / "towers" / "candidate")
+    dim = config.model.candidate_tower.output_dim
+    (out / "feature_spec.json").write_text(json.dumps(feature_spec(config, dim), indent=2))
+    item_cols = [s.name for s in config.features.item]
+    user_cols = ["user_id"] + [s.name for s in config.features.user if s.name != "user_id"]
+    tables.items[item_cols].to_parquet(out / "items.parquet", index=False)
+    tables.users[[c for c in user_cols if c in tables.users]].to_parquet(
+        out / "users.parquet", index=False)
+    train_pos[["user_id", "item_id", "timestamp"]].to_parquet(out / "seen.parquet", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    write_report(out, config, metrics, history)

@@ -1,0 +1,157 @@
+"""One training run: data -> split -> adapt towers -> fit -> evaluate -> artifacts.
+
+Writes into the run directory (docs/ARTIFACTS.md): tower SavedModels, the
+catalog, metrics, history, report and plot. An interrupted run started again
+with the same config and output directory resumes from its last epoch
+(Keras BackupAndRestore).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from trainer.config import RunConfig, dump_config
+from trainer.data import Tables, load_tables
+from trainer.dataset import EncodedTables, item_sampling_probability, positives_dataset
+from trainer.evaluation import (EvalSet, embedding_scores, evaluate, popularity_scores,
+                                split_interactions)
+from trainer.model import TwoTowerModel
+from trainer.objectives import make_objective
+from trainer.saving import save_run_artifacts
+from trainer.towers import Tower, embed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedRun:
+    model: TwoTowerModel
+    metrics: dict
+    history: dict
+    output_dir: Path
+
+
+class ValidationHitRate(tf.keras.callbacks.Callback):
+    """Adds ``val_hr@K`` to the epoch logs (for EarlyStopping and the plot)."""
+
+    def __init__(self, encoded: EncodedTables, data: EvalSet, ks=(10, 100)):
+        super().__init__()
+        self.encoded, self.data, self.ks = encoded, data, ks
+
+    def on_epoch_end(self, epoch, logs=None):
+        scores = _model_scores(self.model, self.encoded)
+        result = evaluate(scores, self.data, ks=self.ks)
+        if logs is not None:
+            for k in self.ks:
+                logs[f"val_hr@{k}"] = result[f"hr@{k}"]
+
+
+def _model_scores(model: TwoTowerModel, encoded: EncodedTables):
+    user_emb = embed(model.query_tower, encoded.user_features)
+    item_emb = embed(model.candidate_tower, encoded.item_features)
+    return embedding_scores(user_emb, item_emb)
+
+
+def _eval_set(encoded: EncodedTables, train_pos: pd.DataFrame,
+              test_pos: pd.DataFrame) -> EvalSet:
+    su, si = encoded.rows(train_pos)
+    tu, ti = encoded.rows(test_pos)
+    popularity = np.bincount(si, minlength=len(encoded.item_index)).astype(np.float64)
+    return EvalSet(tu, ti, su, si, len(encoded.item_index), popularity)
+
+
+def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
+                train_pos: pd.DataFrame) -> TwoTowerModel:
+    """Towers adapted on training data: ids see only trained-on users/items.
+
+    Vocabularies of the id features come from the training positives (a new
+    item's id is OOV and the item is represented through its other features);
+    every other feature adapts on the rows of users/items that appear in them.
+    """
+    train_users = users[users["user_id"].isin(train_pos["user_id"])]
+    train_items = items[items["item_id"].isin(train_pos["item_id"])]
+    query = Tower(config.features.user, config.model.query_tower, name="query_tower")
+    candidate = Tower(config.features.item, config.model.candidate_tower,
+                      name="candidate_tower")
+    query.adapt(train_users, "users")
+    candidate.adapt(train_items, "items")
+    model = TwoTowerModel(query, candidate, make_objective(config.objective))
+    optimizer = {
+        "adam": tf.keras.optimizers.Adam,
+        "adagrad": tf.keras.optimizers.Adagrad,
+        "sgd": tf.keras.optimizers.SGD,
+    }[config.training.optimizer](learning_rate=config.training.learning_rate)
+    model.compile(optimizer=optimizer)
+    return model
+
+
+def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = None,
+          verbose: Optional[int] = None) -> TrainedRun:
+    """Run the whole job and write its artifacts; returns model and metrics."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    tf.keras.utils.set_random_seed(config.training.seed)
+
+    tables = tables if tables is not None else load_tables(config.data)
+    ev = config.evaluation
+    train_rows, test_rows = split_interactions(
+        tables.interactions, ev.protocol, ev.seed, ev.train_fraction, ev.test_days)
+    # Retrieval trains on clicks only: exposed-but-not-clicked rows are never
+    # retrieval negatives (they stay in the tables for ranking models).
+    train_pos = train_rows[train_rows["clicked"] == 1]
+    test_pos = test_rows[test_rows["clicked"] == 1]
+    val_pos = None
+    tc = config.training
+    if tc.validation_fraction > 0:
+        idx = np.random.default_rng(tc.seed).permutation(len(train_pos))
+        cut = int(len(train_pos) * (1 - tc.validation_fraction))
+        train_pos, val_pos = train_pos.iloc[idx[:cut]], train_pos.iloc[idx[cut:]]
+
+    model = build_model(config, tables.users, tables.items, train_pos)
+    encoded = EncodedTables.build(tables.users, tables.items, config.features.user,
+                                  config.features.item)
+    user_rows, item_rows = encoded.rows(train_pos)
+    item_prob = item_sampling_probability(item_rows, len(encoded.item_index))
+    ds = positives_dataset(encoded, user_rows, item_rows, item_prob, tc.batch_size, tc.seed)
+
+    callbacks = [
+        tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
+        tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
+                                           save_weights_only=True),
+        tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
+    ]
+    if val_pos is not None:
+        callbacks.insert(0, ValidationHitRate(encoded, _eval_set(encoded, train_pos, val_pos)))
+        if tc.early_stopping_patience:
+            callbacks.append(tf.keras.callbacks.EarlyStopping(
+                tc.early_stopping_metric, mode="max", patience=tc.early_stopping_patience,
+                restore_best_weights=True))
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    started = time.perf_counter()
+    fit = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
+    train_seconds = time.perf_counter() - started
+
+    data = _eval_set(encoded, train_pos, test_pos)
+    metrics = {
+        "dataset": tables.name,
+        "protocol": ev.protocol,
+        "train_positives": int(len(train_pos)),
+        "train_seconds": round(train_seconds, 2),
+        "epochs_run": len(fit.history.get("loss", [])),
+        "model": evaluate(_model_scores(model, encoded), data, ev.ks),
+        "popularity": evaluate(popularity_scores(data), data, ev.ks),
+    }
+    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+    save_run_artifacts(out, config, model, tables, train_pos, metrics, history)
+    return TrainedRun(model, metrics, history, out)
