@@ -52,7 +52,7 @@ def item_sampling_probability(item_rows: np.ndarray, num_items: int) -> np.ndarr
 def positives_dataset(tables: EncodedTables, user_rows: np.ndarray, item_rows: np.ndarray,
                       item_prob: np.ndarray, batch_size: int, seed: int,
                       shuffle: bool = True) -> tf.data.Dataset:
-    """Batches of {"query", "candidate", "item_prob"} for positive pairs."""
+    """Batches of {"query", "candidate", "item_prob", "item_row"} for positive pairs."""
     user_cols = {k: tf.constant(v) for k, v in tables.user_features.items()}
     item_cols = {k: tf.constant(v) for k, v in tables.item_features.items()}
     prob = tf.constant(item_prob)
@@ -62,6 +62,7 @@ def positives_dataset(tables: EncodedTables, user_rows: np.ndarray, item_rows: n
             "query": {k: tf.gather(v, u) for k, v in user_cols.items()},
             "candidate": {k: tf.gather(v, i) for k, v in item_cols.items()},
             "item_prob": tf.gather(prob, i),
+            "item_row": i,  # integer id: accidental-hit checks compare ints, not strings
         }
 
     ds = tf.data.Dataset.from_tensor_slices((user_rows, item_rows))

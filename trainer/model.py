@@ -1,7 +1,8 @@
 """The two-tower retrieval model: query tower, candidate tower, objective.
 
 A ``tfrs.Model`` so that ``fit`` drives ``compute_loss``. Batches are dicts:
-``{"query": {user features}, "candidate": {item features}, "item_prob": [B]}``.
+``{"query": {user features}, "candidate": {item features}, "item_prob": [B],
+"item_row": [B]}`` (item_row: the item's integer row in the catalog table).
 """
 from __future__ import annotations
 

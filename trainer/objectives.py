@@ -30,8 +30,7 @@ class InBatchSoftmax(tf.keras.layers.Layer):
             query, candidate,
             candidate_sampling_probability=(batch["item_prob"] if self.logq_correction
                                             else None),
-            candidate_ids=(batch["candidate"]["item_id"] if self.remove_accidental_hits
-                           else None),
+            candidate_ids=batch["item_row"] if self.remove_accidental_hits else None,
             compute_metrics=False, compute_batch_metrics=False)
 
 
