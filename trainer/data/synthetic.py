@@ -9,8 +9,8 @@ model can learn from:
   (weakly genre-correlated), ``favorite_genres`` (noisy multi-valued), and
   ``device`` (pure noise, a control);
 - popularity: Zipf-like (exponent ~1) item propensity;
-- behaviour: an earlier recommender exposes items (half by popularity, half
-  by affinity); a click happens with probability sigmoid(affinity + log
+- behaviour: an earlier recommender exposes items (a share by popularity,
+  the rest by affinity); a click happens with probability sigmoid(affinity + log
   popularity); exposures not clicked are kept with clicked = 0;
 - a ranking log: items an earlier stage scored for the user but filtered out
   (high affinity, never shown) - hard-negative material.
@@ -33,7 +33,8 @@ _START = 1_700_000_000
 
 def generate(num_users: int = 3000, num_items: int = 1500, exposures_per_user: int = 60,
              latent_dim: int = 8, days: int = 14, seed: int = 0,
-             ranking_log_per_user: int = 10) -> Tables:
+             ranking_log_per_user: int = 10, popular_exposure_share: float = 0.3,
+             popularity_click_weight: float = 0.2) -> Tables:
     """Return canonical Tables; identical for identical arguments."""
     rng = np.random.default_rng(seed)
     n_genres = len(GENRES)
@@ -98,7 +99,7 @@ def generate(num_users: int = 3000, num_items: int = 1500, exposures_per_user: i
 
     # ---- exposures and clicks
     affinity = user_vec @ item_vec.T  # [users, items], cosine in [-1, 1]
-    n_pop = exposures_per_user // 2
+    n_pop = int(round(exposures_per_user * popular_exposure_share))
     n_aff = exposures_per_user - n_pop
     rows_u, rows_i = [], []
     log_pop = np.log(popularity)
@@ -114,7 +115,8 @@ def generate(num_users: int = 3000, num_items: int = 1500, exposures_per_user: i
         rows_i.append(shown)
     eu = np.concatenate(rows_u)
     ei = np.concatenate(rows_i)
-    click_logit = 6.0 * affinity[eu, ei] + 0.35 * (log_pop[ei] - log_pop.mean()) - 2.0
+    click_logit = (6.0 * affinity[eu, ei]
+                   + popularity_click_weight * (log_pop[ei] - log_pop.mean()) - 2.0)
     clicked = (rng.random(len(eu)) < 1 / (1 + np.exp(-click_logit))).astype(np.int8)
     activity = rng.uniform(0.2, 1.0, size=num_users)  # users start at different times
     start = (1 - activity[eu]) * days * _DAY
