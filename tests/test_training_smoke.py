@@ -48,3 +48,32 @@ def test_artifacts_written(tiny_run):
     assert spec["embedding_dim"] == 16
     assert "hr@10" in (out / "report.md").read_text().lower()
     assert len(tiny_run.history["loss"]) == 6
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter(__import__("tensorflow").keras.callbacks.Callback):
+    """Simulates a crash at the end of an epoch, after the backup was written."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise _Interrupt()
+
+
+def test_interrupted_training_resumes(tmp_path):
+    config = parse_config({**TINY, "data": {**TINY["data"], "num_users": 150,
+                                            "num_items": 80},
+                           "training": {**TINY["training"], "epochs": 3}})
+    with pytest.raises(_Interrupt):
+        train(config, tmp_path, verbose=0, extra_callbacks=[_StopAfter(2)])
+    assert (tmp_path / "backup").exists()
+    resumed = train(config, tmp_path, verbose=0)
+    # epochs 1-2 were restored from the backup: only epoch 3 runs again
+    assert len(resumed.history["loss"]) == 1
+    assert (tmp_path / "checkpoints" / "epoch-003.index").exists()

@@ -20,7 +20,11 @@ class TwoTowerModel(tfrs.Model):
         self.candidate_tower = candidate_tower
         self.objective = objective
 
+    def call(self, batch, training=False):
+        """(query embeddings [B, d], candidate embeddings [B, d]) for a batch."""
+        return (self.query_tower(batch["query"], training=training),
+                self.candidate_tower(batch["candidate"], training=training))
+
     def compute_loss(self, batch, training=False) -> tf.Tensor:
-        query = self.query_tower(batch["query"], training=training)
-        candidate = self.candidate_tower(batch["candidate"], training=training)
+        query, candidate = self(batch, training=training)
         return self.objective(query, candidate, batch, training=training)

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -95,7 +95,8 @@ def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
 
 
 def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = None,
-          verbose: Optional[int] = None) -> TrainedRun:
+          verbose: Optional[int] = None,
+          extra_callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> TrainedRun:
     """Run the whole job and write its artifacts; returns model and metrics."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,7 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     item_prob = item_sampling_probability(item_rows, len(encoded.item_index))
     ds = positives_dataset(encoded, user_rows, item_rows, item_prob, tc.batch_size, tc.seed)
 
+    model(next(iter(ds)))  # build variables so BackupAndRestore can restore them all
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
         tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
@@ -136,6 +138,7 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
             callbacks.append(tf.keras.callbacks.EarlyStopping(
                 tc.early_stopping_metric, mode="max", patience=tc.early_stopping_patience,
                 restore_best_weights=True))
+    callbacks += list(extra_callbacks)
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     started = time.perf_counter()
