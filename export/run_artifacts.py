@@ -1,0 +1,108 @@
+"""Read what a training run left on disk (docs/ARTIFACTS.md): towers, spec, catalog.
+
+Export depends on these files only, never on training code: the towers are
+SavedModels loaded with ``tf.saved_model.load``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+NUMERIC_DTYPES = {"float32": np.float32}
+
+
+class RunError(ValueError):
+    """A run directory that cannot be exported; the message names the file."""
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    query_tower: object  # restored SavedModel with .embed(features) -> {"embedding"}
+    candidate_tower: object
+    spec: dict  # feature_spec.json
+    items: pd.DataFrame
+    metrics: dict
+    config_text: str
+
+    @property
+    def query_signature(self) -> dict[str, tf.TensorSpec]:
+        return _signature(self.spec["query"])
+
+    @property
+    def candidate_signature(self) -> dict[str, tf.TensorSpec]:
+        return _signature(self.spec["candidate"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.spec["embedding_dim"])
+
+
+def _signature(features: list[dict]) -> dict[str, tf.TensorSpec]:
+    return {f["name"]: tf.TensorSpec([None], tf.as_dtype(f["dtype"]), name=f["name"])
+            for f in features}
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    root = Path(run_dir)
+    for rel in ("towers/query/saved_model.pb", "towers/candidate/saved_model.pb",
+                "feature_spec.json", "items.parquet"):
+        if not (root / rel).is_file():
+            raise RunError(f"{root / rel}: missing; is {root} a finished training run "
+                           "(python -m trainer --output ...)?")
+    spec = json.loads((root / "feature_spec.json").read_text())
+    metrics_path = root / "metrics.json"
+    return TrainedRun(
+        path=root,
+        query_tower=tf.saved_model.load(str(root / "towers" / "query")),
+        candidate_tower=tf.saved_model.load(str(root / "towers" / "candidate")),
+        spec=spec,
+        items=pd.read_parquet(root / "items.parquet"),
+        metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
+        config_text=(root / "config.yaml").read_text() if (root / "config.yaml").is_file()
+        else "",
+    )
+
+
+def feature_columns(table: pd.DataFrame, features: list[dict], source: str) -> dict:
+    """Numpy input columns for a tower from a table, coerced to the spec's dtypes."""
+    out = {}
+    for f in features:
+        if f["name"] not in table.columns:
+            raise RunError(f"{source}: no column '{f['name']}', which the tower reads "
+                           f"(columns: {list(table.columns)})")
+        col = table[f["name"]]
+        if f["dtype"] == "string":
+            out[f["name"]] = col.fillna("").astype(str).to_numpy(dtype=object)
+        else:
+            values = pd.to_numeric(col, errors="coerce")
+            bad = values.isna() & col.notna()
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise RunError(f"{source}: column '{f['name']}' row {row}: expected a "
+                               f"number, got {col.iloc[row]!r}")
+            out[f["name"]] = values.to_numpy(dtype=NUMERIC_DTYPES[f["dtype"]])
+    return out
+
+
+def read_items(path: Optional[str | Path], run: TrainedRun) -> pd.DataFrame:
+    """The catalog to index: the run's items, or a new/changed table (refresh)."""
+    if path is None:
+        return run.items
+    p = Path(path)
+    if not p.is_file():
+        raise RunError(f"{p}: item table not found")
+    table = pd.read_parquet(p) if p.suffix in (".parquet", ".pq") else pd.read_csv(p)
+    if "item_id" not in table.columns:
+        raise RunError(f"{p}: the item table needs an 'item_id' column")
+    table["item_id"] = table["item_id"].astype(str)
+    if table["item_id"].duplicated().any():
+        dup = table.loc[table["item_id"].duplicated(), "item_id"].iloc[0]
+        raise RunError(f"{p}: duplicate item_id {dup!r}")
+    return table
