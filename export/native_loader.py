@@ -99,20 +99,29 @@ def _tf_paths() -> tuple[str, Path, str]:
 
 
 def _python_link_flags() -> list[str]:
-    """Linker flags for libpython, from python3-config --ldflags --embed when present."""
-    config = shutil.which(f"python{sysconfig.get_python_version()}-config") or shutil.which(
-        "python3-config"
-    )
-    if config:
-        out = subprocess.run(
-            [config, "--ldflags", "--embed"], capture_output=True, text=True, check=False
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return shlex.split(out.stdout)
-    # Fall back to sysconfig (same information python3-config prints).
+    """Linker flags for this interpreter's libpython.
+
+    Uses the ``python3-config --ldflags --embed`` that sits next to the running
+    interpreter (a python3-config found on PATH may belong to another Python),
+    else the same information from sysconfig.
+    """
+    version = sysconfig.get_python_version()
+    for exe in (getattr(sys, "_base_executable", None), sys.executable):
+        if not exe:
+            continue
+        bindir = Path(os.path.realpath(exe)).parent
+        for name in (f"python{version}-config", "python3-config"):
+            config = bindir / name
+            if not config.exists():
+                continue
+            out = subprocess.run(
+                [str(config), "--ldflags", "--embed"], capture_output=True, text=True, check=False
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return shlex.split(out.stdout)
     libdir = sysconfig.get_config_var("LIBDIR")
-    ldver = sysconfig.get_config_var("LDVERSION") or sysconfig.get_python_version()
-    return [f"-L{libdir}", f"-lpython{ldver}", f"-Wl,-rpath,{libdir}", "-ldl", "-lm"]
+    ldversion = sysconfig.get_config_var("LDVERSION") or version
+    return [f"-L{libdir}", f"-lpython{ldversion}", f"-Wl,-rpath,{libdir}", "-ldl", "-lm"]
 
 
 def _default_cache_dir() -> Path:
@@ -151,7 +160,7 @@ def build_checker(cache_dir: str | os.PathLike | None = None, *, force: bool = F
 
     The binary is cached in ``cache_dir`` (default ``$XDG_CACHE_HOME/twotower``
     or ``~/.cache/twotower``) under a name keyed by a hash of the source, the
-    TensorFlow version and the compile flags, so a changed source or a new
+    TensorFlow version and the compile/link flags, so a changed source or a new
     TensorFlow rebuilds it. Compiling takes about 5-10 s on 2 cores.
     Raises NativeLoadError when no compiler exists or compilation fails.
     """
@@ -163,7 +172,7 @@ def build_checker(cache_dir: str | os.PathLike | None = None, *, force: bool = F
     key.update(SOURCE.read_bytes())
     key.update(tf_version.encode())
     key.update(str(lib_dir).encode())
-    key.update(" ".join(_CXX_FLAGS).encode())
+    key.update(" ".join(_CXX_FLAGS + _python_link_flags()).encode())
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     binary = cache / f"{_BINARY_NAME}-{key.hexdigest()[:16]}"
     if binary.exists() and not force:
