@@ -269,3 +269,18 @@ def test_command_line(tower, checker, capsys):
     line = json.loads(captured.out.strip())
     assert line["dir"] == str(version_dir) and line["outputs"]["row"]["values"] == [2]
     assert "OK (1 warmup requests)" in captured.err
+
+
+def test_corrupt_or_empty_warmup_file(tower, checker):
+    _, version_dir = tower
+    path = write_warmup_requests(
+        version_dir, "tower", [("", {"user_id": np.array(["a"]), "age": np.ones(1, np.float32)})]
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[:-6])  # truncated record
+    with pytest.raises(NativeLoadError, match="reading record 0"):
+        check(version_dir, checker)
+    path.write_bytes(b"")
+    with pytest.raises(NativeLoadError, match="no warmup records"):
+        check(version_dir, checker)
+    assert check(version_dir, checker, require_warmup=False) == []
