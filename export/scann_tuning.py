@@ -58,7 +58,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _leaf_grid(num_leaves: int) -> list[int]:
-    fractions = (0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.25, 0.4)
+    fractions = (0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0)
     return sorted({max(1, min(num_leaves, round(num_leaves * f))) for f in fractions})
 
 
@@ -68,7 +68,7 @@ def tune(items: np.ndarray, queries: np.ndarray, k: int, recall_target: float = 
     n = len(items)
     truth = exact_top_k(queries, items, k)
     num_leaves = max(2, min(n // 50, int(round(math.sqrt(n)))))
-    reorder_grid = sorted({min(n, r) for r in (k, 2 * k, 4 * k, 8 * k)})
+    reorder_grid = sorted({min(n, r) for r in (k, 2 * k, 4 * k, 8 * k, 16 * k)})
     searcher = (scann_ops.builder(items, k, "dot_product")
                 .tree(num_leaves=num_leaves, num_leaves_to_search=num_leaves,
                       training_sample_size=min(n, 100_000))
