@@ -1,0 +1,257 @@
+"""Export a trained run as versioned SavedModels for TF Serving, checked.
+
+    run dir ─▶ catalog embeddings (candidate tower) ─▶ ScaNN tuned to a recall
+    target ─▶ query_tower, candidate_tower, retrieval (ScaNN), retrieval_exact
+    (BruteForce) staged side by side ─▶ warmup + metadata ─▶ checks ─▶ publish
+
+Nothing is published unless every check passes; all models of one export
+share one version number.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import scann  # noqa: F401  - registers the Scann>* ops for saving and session loading
+import tensorflow as tf
+
+from export.catalog import embed_catalog
+from export.metadata import now_iso, write_metadata
+from export.run_artifacts import TrainedRun, feature_columns, load_run, read_items
+from export.scann_tuning import ScannParams, TuningResult, exact_top_k, tune
+from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_index,
+                                   scann_index, tower_module)
+from export.verify import (ExportCheckError, check_close, check_exact_retrieval, recall,
+                           run_with_session)
+from export.versioning import StagedVersion, next_version
+from export.warmup import write_warmup_requests
+
+ALL_MODELS = ("query_tower", "candidate_tower", "retrieval", "retrieval_exact")
+SAVE_OPTIONS = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
+
+
+@dataclass
+class ExportOptions:
+    k: int = 100
+    recall_target: float = 0.95
+    max_exclude: int = 256
+    sample_queries: int = 1000
+    models: Sequence[str] = ALL_MODELS
+    version: Optional[int] = None
+    items_path: Optional[str] = None  # a new/changed catalog (refresh without retraining)
+    scann_params: Optional[ScannParams] = None  # skip tuning
+    native_check: bool = False  # also load each version with the C++ loader
+    progress: bool = True
+
+
+@dataclass
+class ExportResult:
+    version: int
+    paths: dict[str, Path]
+    metadata: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class _Context:
+    run: TrainedRun
+    items: pd.DataFrame
+    catalog_ids: np.ndarray
+    catalog_emb: np.ndarray
+    user_inputs: dict  # sample user features, the tower's input columns
+    query_emb: np.ndarray  # in-memory query tower on user_inputs
+    item_inputs: dict
+    options: ExportOptions
+
+
+def export_run(run_dir: str | Path, model_base: str | Path,
+               options: ExportOptions = ExportOptions()) -> ExportResult:
+    """Build, check and publish the requested models; returns their paths."""
+    unknown = set(options.models) - set(ALL_MODELS)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {ALL_MODELS}")
+    model_base = Path(model_base)
+    ctx = _context(load_run(run_dir), options)
+    version = next_version(model_base, list(options.models), options.version)
+    tuning = None
+    if "retrieval" in options.models:
+        tuning = _tuning(ctx)
+    result = ExportResult(version, {})
+    with StagedVersion(model_base, list(options.models), version) as stage:
+        for name in options.models:
+            started = time.perf_counter()
+            meta = _build_model(name, ctx, stage.dir(name), tuning)
+            meta.update(_common_metadata(name, version, ctx))
+            meta["export_seconds"] = round(time.perf_counter() - started, 2)
+            write_metadata(stage.dir(name), meta)
+            if options.native_check:
+                _native_check(stage.dir(name))
+            result.metadata[name] = meta
+        result.paths = stage.publish()
+    return result
+
+
+def _context(run: TrainedRun, options: ExportOptions) -> _Context:
+    items = read_items(options.items_path, run)
+    catalog_ids, catalog_emb = embed_catalog(run, items, progress=options.progress)
+    users_path = run.path / "users.parquet"
+    users = pd.read_parquet(users_path)
+    sample = users.sample(min(len(users), options.sample_queries), random_state=0)
+    user_inputs = feature_columns(sample, run.spec["query"], str(users_path))
+    query_emb = _embed(run.query_tower, user_inputs, run.query_signature)
+    item_sample = items.sample(min(len(items), 64), random_state=0)
+    item_inputs = feature_columns(item_sample, run.spec["candidate"], "item table")
+    return _Context(run, items, catalog_ids, catalog_emb, user_inputs, query_emb, item_inputs,
+                    options)
+
+
+def _embed(tower, inputs: dict, signature, batch: int = 4096) -> np.ndarray:
+    fn = tf.function(tower.embed, input_signature=[signature])
+    n = len(next(iter(inputs.values())))
+    return np.concatenate([fn({k: v[s:s + batch] for k, v in inputs.items()})["embedding"]
+                           .numpy() for s in range(0, n, batch)])
+
+
+def _tuning(ctx: _Context) -> TuningResult:
+    o = ctx.options
+    k = min(o.k, len(ctx.catalog_ids))
+    if o.scann_params is not None:
+        return TuningResult(o.scann_params, float("nan"), float("nan"), float("nan"))
+    return tune(ctx.catalog_emb, ctx.query_emb, k, o.recall_target)
+
+
+def _head(inputs: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in inputs.items()}
+
+
+def _build_model(name: str, ctx: _Context, out: Path, tuning) -> dict:
+    run, o = ctx.run, ctx.options
+    if name in ("query_tower", "candidate_tower"):
+        tower, sig, inputs = ((run.query_tower, run.query_signature, ctx.user_inputs)
+                              if name == "query_tower" else
+                              (run.candidate_tower, run.candidate_signature, ctx.item_inputs))
+        module, signatures = tower_module(tower, sig)
+        tf.saved_model.save(module, str(out), signatures=signatures, options=SAVE_OPTIONS)
+        probe = _head(inputs, 64)
+        got = run_with_session(out, probe)["embedding"]
+        check_close(name, got, _embed(tower, probe, sig))
+        write_warmup_requests(out, name, [("serving_default", _head(inputs, 1)),
+                                          ("serving_default", _head(inputs, 8))])
+        return {"signatures": {"serving_default": "raw features -> embedding"}}
+
+    exact = name == "retrieval_exact"
+    k = min(o.k, len(ctx.catalog_ids))
+    if exact:
+        index = brute_force_index(ctx.catalog_emb, k)
+        params = None
+    else:
+        fetch = min(k + o.max_exclude, len(ctx.catalog_ids))
+        params = ScannParams(**{**tuning.params.__dict__, "num_reordering_candidates":
+                                max(tuning.params.num_reordering_candidates, fetch)})
+        index = scann_index(ctx.catalog_emb, k, params)
+    module = RetrievalModule(run.query_tower, index, ctx.catalog_ids, k, o.max_exclude,
+                             run.query_signature)
+    tf.saved_model.save(module, str(out), signatures=module.signatures(),
+                        options=SAVE_OPTIONS)
+    meta = _check_retrieval(name, out, ctx, k, exact)
+    seen = _seen_matrix(ctx, k, rows=2)
+    write_warmup_requests(out, name, [
+        ("serving_default", _head(ctx.user_inputs, 1)),
+        ("serving_default", _head(ctx.user_inputs, 8)),
+        ("retrieve_excluding", {**_head(ctx.user_inputs, 2), SEEN_INPUT: seen}),
+    ])
+    meta["index"] = ({"type": "brute_force"} if exact else
+                     {"type": "scann", "params": params.__dict__,
+                      "tuning": tuning.to_json() if tuning else None})
+    meta["k"] = k
+    meta["max_exclude"] = o.max_exclude
+    meta["signatures"] = {
+        "serving_default": "raw user features -> item_ids [None, k], scores [None, k]",
+        "retrieve_excluding": f"... + {SEEN_INPUT} [None, None] (pad with \"\")"}
+    return meta
+
+
+def _seen_matrix(ctx: _Context, k: int, rows: int) -> np.ndarray:
+    """A padded [rows, 3] matrix of catalog ids, used to exercise exclusion."""
+    ids = ctx.catalog_ids[: min(3, len(ctx.catalog_ids))].astype(str)
+    m = np.full((rows, 3), "", dtype=object)
+    m[:, : len(ids)] = ids
+    m[-1, -1] = ""
+    return m
+
+
+def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -> dict:
+    """Session-run the staged model; exact must match numpy, ScaNN reach the recall."""
+    got = run_with_session(out, ctx.user_inputs)
+    truth_rows = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
+    truth_ids = ctx.catalog_ids[truth_rows]
+    if exact:
+        check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb, ctx.catalog_ids,
+                              ctx.catalog_emb)
+        measured = recall(got["item_ids"], truth_ids)
+    else:
+        measured = recall(got["item_ids"], truth_ids)
+        if measured < ctx.options.recall_target:
+            raise ExportCheckError(
+                f"retrieval: ScaNN recall@{k} {measured:.4f} is below the target "
+                f"{ctx.options.recall_target} on {len(truth_ids)} sampled queries")
+    # exclusion: the best exact item of each probe user must disappear
+    probe = _head(ctx.user_inputs, 4)
+    top1 = np.asarray(truth_ids[:4, :1], dtype=object)
+    excl = run_with_session(out, {**probe, SEEN_INPUT: top1}, "retrieve_excluding")
+    for row, seen in zip(excl["item_ids"].astype(str), top1.astype(str)):
+        if seen[0] in set(row):
+            raise ExportCheckError(f"{name}: retrieve_excluding returned the excluded "
+                                   f"item {seen[0]}")
+    return {f"recall@{k}_vs_exact": round(measured, 4),
+            "latency": _latency(out, ctx.user_inputs)}
+
+
+def _latency(out: Path, inputs: dict, n: int = 50) -> dict:
+    """p50/p99 single-query latency (ms) through a session, as the server runs it."""
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(out))
+        sig = meta.signature_def["serving_default"]
+        fetch = [v.name for v in sig.outputs.values()]
+        times = []
+        for i in range(min(n, len(next(iter(inputs.values()))))):
+            feed = {sig.inputs[a].name: v[i:i + 1] for a, v in inputs.items()}
+            t = time.perf_counter()
+            sess.run(fetch, feed)
+            times.append((time.perf_counter() - t) * 1000)
+    times = times[1:] or times
+    return {"p50_ms": round(float(np.percentile(times, 50)), 3),
+            "p99_ms": round(float(np.percentile(times, 99)), 3)}
+
+
+def _common_metadata(name: str, version: int, ctx: _Context) -> dict:
+    run = ctx.run
+    return {
+        "model_name": name,
+        "version": version,
+        "exported_at": now_iso(),
+        "run_dir": str(run.path.resolve()),
+        "dataset": run.metrics.get("dataset"),
+        "config": run.config_text,
+        "training_metrics": {k: run.metrics.get(k) for k in
+                             ("model", "popularity", "protocol", "train_seconds")},
+        "catalog_size": int(len(ctx.catalog_ids)),
+        "embedding_dim": run.embedding_dim,
+        "catalog_source": ctx.options.items_path or str(run.path / "items.parquet"),
+        "inputs": run.spec["query" if name != "candidate_tower" else "candidate"],
+    }
+
+
+def _native_check(version_dir: Path) -> None:
+    from export.native_loader import NativeLoadError, check_saved_model, compiler_available
+
+    if not compiler_available():
+        return
+    try:
+        check_saved_model(version_dir)
+    except NativeLoadError as err:
+        raise ExportCheckError(f"{version_dir}: the C++ SavedModel loader failed: {err}")
