@@ -6,3 +6,42 @@ from pathlib import Path
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pytest  # noqa: E402
+
+TINY = {
+    "name": "tiny",
+    "data": {"kind": "synthetic", "num_users": 400, "num_items": 200,
+             "exposures_per_user": 30, "seed": 1},
+    "features": {
+        "user": [{"name": "user_id", "type": "categorical", "embedding_dim": 16},
+                 {"name": "age", "type": "continuous", "buckets": 4},
+                 {"name": "favorite_genres", "type": "multi_categorical"}],
+        "item": [{"name": "item_id", "type": "categorical", "embedding_dim": 16},
+                 {"name": "category", "type": "categorical"},
+                 {"name": "tags", "type": "multi_categorical"},
+                 {"name": "price", "type": "continuous", "log1p": True}],
+    },
+    "model": {"query_tower": {"output_dim": 16}, "candidate_tower": {"output_dim": 16}},
+    "training": {"epochs": 6, "batch_size": 256, "learning_rate": 0.01},
+    "evaluation": {"protocol": "random", "ks": [10, 50]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny trained run shared by the training, export and serving tests."""
+    from trainer.config import parse_config
+    from trainer.train import train
+
+    return train(parse_config(TINY), tmp_path_factory.mktemp("run"), verbose=0)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory):
+    """The four served models exported once from ``tiny_run`` (version 1)."""
+    from export.exporter import ExportOptions, export_run
+
+    base = tmp_path_factory.mktemp("models")
+    result = export_run(tiny_run.output_dir, base, ExportOptions(k=20, progress=False))
+    return base, result

@@ -1,0 +1,179 @@
+"""Exported SavedModels: signatures, ids, exclusion, versions, metadata, refresh."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import scann  # noqa: F401
+import tensorflow as tf
+
+from export.exporter import ExportOptions, export_run
+from export.metadata import read_metadata
+from export.run_artifacts import feature_columns, load_run
+from export.verify import ExportCheckError, run_with_session
+from export.versioning import VersionError, existing_versions
+
+K = 20
+MODELS = ("query_tower", "candidate_tower", "retrieval", "retrieval_exact")
+
+
+def signature_defs(path):
+    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+        return tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(path)).signature_def
+
+
+def user_inputs(run_dir, n=8):
+    run = load_run(run_dir)
+    users = pd.read_parquet(run_dir / "users.parquet").head(n)
+    return feature_columns(users, run.spec["query"], "users")
+
+
+def test_layout_and_signatures(exported, tiny_run):
+    base, result = exported
+    assert result.version == 1
+    spec = json.loads((tiny_run.output_dir / "feature_spec.json").read_text())
+    for name in MODELS:
+        assert (base / name / "1" / "saved_model.pb").is_file()
+        assert (base / name / "1" / "assets.extra" / "tf_serving_warmup_requests").is_file()
+    user_feats = {f["name"]: f["dtype"] for f in spec["query"]}
+    for name in ("retrieval", "retrieval_exact"):
+        sigs = signature_defs(base / name / "1")
+        assert {"serving_default", "retrieve_excluding"} <= set(sigs)
+        default = sigs["serving_default"]
+        assert set(default.inputs) == set(user_feats)
+        for alias, info in default.inputs.items():
+            assert tf.as_dtype(info.dtype).name == user_feats[alias]
+            assert [d.size for d in info.tensor_shape.dim] == [-1]
+        outs = default.outputs
+        assert tf.as_dtype(outs["item_ids"].dtype) == tf.string
+        assert tf.as_dtype(outs["scores"].dtype) == tf.float32
+        for out in outs.values():
+            assert [d.size for d in out.tensor_shape.dim] == [-1, K]
+        seen = sigs["retrieve_excluding"].inputs["seen_item_ids"]
+        assert [d.size for d in seen.tensor_shape.dim] == [-1, -1]
+    emb = signature_defs(base / "candidate_tower" / "1")["serving_default"]
+    assert set(emb.inputs) == {f["name"] for f in spec["candidate"]}
+    assert [d.size for d in emb.outputs["embedding"].tensor_shape.dim] == [-1, 16]
+
+
+def test_ids_come_from_catalog_and_scores_sorted(exported, tiny_run):
+    base, _ = exported
+    catalog = set(pd.read_parquet(tiny_run.output_dir / "items.parquet")["item_id"])
+    for name in ("retrieval", "retrieval_exact"):
+        out = run_with_session(base / name / "1", user_inputs(tiny_run.output_dir))
+        ids = out["item_ids"].astype(str)
+        assert set(ids.ravel()) <= catalog
+        assert all(len(set(row)) == K for row in ids)
+        assert (np.diff(out["scores"], axis=1) <= 1e-6).all()
+
+
+def test_exclusion_removes_seen_and_backfills(exported, tiny_run):
+    base, _ = exported
+    inputs = user_inputs(tiny_run.output_dir, 3)
+    path = base / "retrieval_exact" / "1"
+    plain = run_with_session(path, inputs)["item_ids"].astype(str)
+    seen = np.array([list(row[:5]) + [""] for row in plain], dtype=object)
+    seen[1, 3:] = ""  # ragged rows padded with ""
+    out = run_with_session(path, {**inputs, "seen_item_ids": seen},
+                           "retrieve_excluding")["item_ids"].astype(str)
+    for row, s, before in zip(out, seen.astype(str), plain):
+        s = {x for x in s if x}
+        assert not s & set(row)
+        kept = [x for x in before if x not in s]
+        assert list(row[: len(kept)]) == kept  # the rest of the ranking is unchanged
+
+
+def test_too_many_seen_ids_is_an_error(exported, tiny_run):
+    base, _ = exported
+    inputs = user_inputs(tiny_run.output_dir, 1)
+    seen = np.full((1, 257), "", dtype=object)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_exclude"):
+        run_with_session(base / "retrieval" / "1", {**inputs, "seen_item_ids": seen},
+                         "retrieve_excluding")
+
+
+def test_metadata_contents(exported):
+    base, _ = exported
+    meta = read_metadata(base / "retrieval" / "1")
+    assert meta["model_name"] == "retrieval" and meta["version"] == 1
+    assert meta["catalog_size"] == 200 and meta["embedding_dim"] == 16
+    assert meta["dataset"] == "synthetic"
+    assert meta["index"]["type"] == "scann"
+    assert {"num_leaves", "num_leaves_to_search", "num_reordering_candidates"} <= set(
+        meta["index"]["params"])
+    assert meta[f"recall@{K}_vs_exact"] >= 0.95
+    assert meta["latency"]["p50_ms"] > 0
+    assert "hr@10" in meta["training_metrics"]["model"]
+    assert "exported_at" in meta and "name: tiny" in meta["config"]
+    assert read_metadata(base / "retrieval_exact" / "1")["index"]["type"] == "brute_force"
+
+
+def test_versions_increase_and_never_overwrite(tiny_run, tmp_path):
+    base = tmp_path / "models"
+    opts = ExportOptions(k=K, models=["query_tower", "retrieval_exact"], progress=False)
+    assert export_run(tiny_run.output_dir, base, opts).version == 1
+    # a broken (partial) version 2 in one model: the next export skips past it
+    broken = base / "retrieval_exact" / "2"
+    broken.mkdir()
+    (broken / "saved_model.pb").write_bytes(b"garbage")
+    second = export_run(tiny_run.output_dir, base, opts)
+    assert second.version == 3
+    assert (broken / "saved_model.pb").read_bytes() == b"garbage"
+    with pytest.raises(VersionError, match="already exists"):
+        export_run(tiny_run.output_dir, base,
+                   ExportOptions(k=K, models=["query_tower"], version=3, progress=False))
+    assert existing_versions(base / "query_tower") == [1, 3]
+    assert not [p for p in (base / "query_tower").iterdir() if p.name.startswith(".")]
+
+
+def test_failed_check_publishes_nothing(tiny_run, tmp_path):
+    base = tmp_path / "models"
+    good = export_run(tiny_run.output_dir, base,
+                      ExportOptions(k=K, models=["retrieval"], progress=False))
+    before = sorted(p.name for p in (base / "retrieval").iterdir())
+    with pytest.raises(ExportCheckError, match="recall"):
+        export_run(tiny_run.output_dir, base, ExportOptions(
+            k=K, models=["retrieval", "retrieval_exact"], recall_target=1.01,
+            progress=False))
+    assert sorted(p.name for p in (base / "retrieval").iterdir()) == before == ["1"]
+    assert not (base / "retrieval_exact").exists() or not list(
+        (base / "retrieval_exact").iterdir())
+    assert good.version == 1
+
+
+def test_catalog_refresh_makes_new_item_retrievable(tiny_run, tmp_path):
+    run_dir = tiny_run.output_dir
+    items = pd.read_parquet(run_dir / "items.parquet")
+    new = items.iloc[[0]].assign(item_id="brand-new-item", tags="drama|tag7")
+    items_path = tmp_path / "items.parquet"
+    pd.concat([items, new], ignore_index=True).to_parquet(items_path)
+    base = tmp_path / "models"
+    opts = dict(k=K, models=["candidate_tower", "retrieval", "retrieval_exact"],
+                progress=False)
+    export_run(run_dir, base, ExportOptions(**opts))
+    refreshed = export_run(run_dir, base, ExportOptions(**opts, items_path=str(items_path)))
+    assert refreshed.version == 2
+    assert read_metadata(base / "retrieval" / "2")["catalog_size"] == len(items) + 1
+    # the new (cold, OOV-id) item is embedded from its features; find the user it
+    # suits best and check that user now retrieves it
+    run = load_run(run_dir)
+    new_cols = feature_columns(new, run.spec["candidate"], "new item")
+    e_new = run.candidate_tower.embed(new_cols)["embedding"].numpy()[0]
+    users = pd.read_parquet(run_dir / "users.parquet")
+    inputs = feature_columns(users, run.spec["query"], "users")
+    q = run.query_tower.embed(inputs)["embedding"].numpy()
+    best = int(np.argmax(q @ e_new))
+    one = {k: v[best:best + 1] for k, v in inputs.items()}
+    for name in ("retrieval", "retrieval_exact"):
+        old = run_with_session(base / name / "1", one)["item_ids"].astype(str)
+        now = run_with_session(base / name / "2", one)["item_ids"].astype(str)
+        assert "brand-new-item" not in old[0]
+        assert "brand-new-item" in now[0], name
+
+
+def test_bad_run_dir_is_named(tmp_path):
+    from export.run_artifacts import RunError
+
+    with pytest.raises(RunError, match="towers/query/saved_model.pb: missing"):
+        export_run(tmp_path, tmp_path / "models")
