@@ -83,6 +83,7 @@ def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusR
     response = get_model_status_pb2.GetModelStatusResponse()
     for version, state, error in manager.status(*resolve_model_spec(model_spec)):
         entry = response.model_version_status.add(version=version, state=state)
+        entry.status.SetInParent()   # TF Serving always reports a status (OK by default)
         if error is not None:
             entry.status.error_code = error.code.value[0]
             entry.status.error_message = error.message
