@@ -1,0 +1,148 @@
+"""Server-side batching: merging, padding, queue limits, oversized requests."""
+import re
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+from conftest import install_version
+from model_factory import call_in_process
+
+MAX_BATCH = 4
+
+
+def request(users, ages, seen=None):
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = "m"
+    req.inputs["user_id"].CopyFrom(tf.make_tensor_proto(users))
+    req.inputs["age"].CopyFrom(tf.make_tensor_proto(np.array(ages, np.float32)))
+    if seen is not None:
+        req.model_spec.signature_name = "retrieve_excluding"
+        req.inputs["seen_item_ids"].CopyFrom(tf.make_tensor_proto(np.array(seen, dtype=object)))
+    return req
+
+
+def batch_stats(server):
+    """(number of batches, total rows incl. padding) from the batch-size histogram."""
+    _, text = server.http("GET", "/monitoring/prometheus/metrics")
+    count = re.search(r':tensorflow:serving:batching_session:batch_size_count\{model_name="m"\} '
+                      r'([0-9.e+]+)', text)
+    total = re.search(r':tensorflow:serving:batching_session:batch_size_sum\{model_name="m"\} '
+                      r'([0-9.e+]+)', text)
+    return (float(count.group(1)), float(total.group(1))) if count else (0.0, 0.0)
+
+
+def concurrently(fns):
+    results = [None] * len(fns)
+    barrier = threading.Barrier(len(fns))
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = fns[i]()
+        except Exception as exc:  # noqa: BLE001 - inspected by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.fixture(scope="module")
+def server(templates, tmp_path_factory):
+    from conftest import Server
+
+    root = tmp_path_factory.mktemp("batching")
+    install_version(templates[1], str(root / "m"), 1)
+    params = root / "batching.config"
+    params.write_text(f"""
+max_batch_size {{ value: {MAX_BATCH} }}
+batch_timeout_micros {{ value: 500000 }}
+max_enqueued_batches {{ value: 1 }}
+num_batch_threads {{ value: 1 }}
+allowed_batch_sizes: 2
+allowed_batch_sizes: {MAX_BATCH}
+""")
+    monitoring = root / "monitoring.config"
+    monitoring.write_text("prometheus_config { enable: true }")
+    srv = Server(["--model_name=m", f"--model_base_path={root / 'm'}", "--enable_batching",
+                  f"--batching_parameters_file={params}",
+                  f"--monitoring_config_file={monitoring}"],
+                 str(root / "server.log")).wait_ready()
+    srv.template = templates[1]
+    yield srv
+    assert srv.terminate() == 0, srv.log()
+
+
+def test_concurrent_requests_share_one_padded_batch(server):
+    predict, _ = server.stubs()
+    before = batch_stats(server)
+    users = [["a"], ["b"], ["c"]]
+    ages = [[10.0], [20.0], [30.0]]
+    results = concurrently([lambda u=u, a=a: predict.Predict(request(u, a), timeout=10)
+                            for u, a in zip(users, ages)])
+    for u, a, response in zip(users, ages, results):
+        assert not isinstance(response, Exception), response
+        want = call_in_process(server.template, "serving_default", user_id=u,
+                               age=np.array(a, np.float32))
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]),
+                                   want["scores"], rtol=1e-6)
+        np.testing.assert_array_equal(tf.make_ndarray(response.outputs["item_ids"]),
+                                      want["item_ids"])
+    count, rows = batch_stats(server)
+    assert count - before[0] == 1        # three requests, one sess.run
+    assert rows - before[1] == MAX_BATCH  # 3 rows padded up to the allowed size 4
+
+
+def test_variable_length_seen_ids_are_padded(server):
+    predict, _ = server.stubs()
+    before = batch_stats(server)
+    cases = [(["u1"], [40.0], [["i1"]]), (["u2"], [50.0], [["i0", "i1", "i3"]])]
+    results = concurrently([lambda c=c: predict.Predict(request(*c), timeout=10) for c in cases])
+    for (u, a, seen), response in zip(cases, results):
+        assert not isinstance(response, Exception), response
+        want = call_in_process(server.template, "retrieve_excluding", user_id=u,
+                               age=np.array(a, np.float32), seen_item_ids=seen)
+        np.testing.assert_array_equal(tf.make_ndarray(response.outputs["item_ids"]),
+                                      want["item_ids"])
+    assert batch_stats(server)[0] - before[0] == 1
+
+
+def test_full_queue_is_resource_exhausted(server):
+    predict, _ = server.stubs()
+    first = {}
+
+    def slow_first():
+        first["response"] = predict.Predict(request(["a", "b", "c"], [1.0, 2.0, 3.0]),
+                                             timeout=10)
+
+    t = threading.Thread(target=slow_first)
+    t.start()
+    time.sleep(0.15)   # the first request's batch (3 of 4 rows) now waits for its timeout
+    with pytest.raises(grpc.RpcError) as err:
+        predict.Predict(request(["d", "e"], [4.0, 5.0]), timeout=10)
+    t.join()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue" in err.value.details()
+    assert first["response"].outputs["scores"].tensor_shape.dim[0].size == 3
+    status, body = server.http("POST", "/v1/models/m:predict",
+                               {"instances": [{"user_id": "x", "age": 1.0}]})
+    assert status == 200, body
+
+
+def test_request_larger_than_max_batch_runs_alone(server):
+    predict, _ = server.stubs()
+    users = [f"u{i}" for i in range(MAX_BATCH + 3)]
+    ages = [float(i) for i in range(MAX_BATCH + 3)]
+    response = predict.Predict(request(users, ages), timeout=10)
+    want = call_in_process(server.template, "serving_default", user_id=users,
+                           age=np.array(ages, np.float32))
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), want["scores"],
+                               rtol=1e-6)
