@@ -108,16 +108,12 @@ class ServableManager:
             self._thread.join(timeout=30)
 
     def _poll_loop(self) -> None:
-        while not self._stop.is_set():
+        # poll_seconds <= 0: base paths are read once (at start and on config reloads)
+        while self._poll_seconds > 0 and not self._stop.wait(self._poll_seconds):
             try:
                 self.poll_once()
             except Exception:  # never let the poller die
                 log.exception("model poll failed")
-            if self._poll_seconds <= 0:
-                # 0 = check once at startup, as TF Serving; still serve reload requests
-                self._stop.wait(0.5)
-                continue
-            self._stop.wait(self._poll_seconds)
 
     def poll_once(self) -> None:
         """One pass over all models: load aspired versions, unload the rest."""
