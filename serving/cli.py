@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc_max_threads", type=int, default=32,
                    help="gRPC handler threads (default 32)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
-                   help="threads per op in each session; 0 = TensorFlow's choice")
+                   help="threads per op; 0 = the cores this process may use")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
-                   help="ops run in parallel per session; 0 = TensorFlow's choice")
+                   help="ops run in parallel; 0 = the cores this process may use")
     p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
     return p
 

@@ -7,6 +7,7 @@ signatures by tensor name.  ``scann`` is imported first so SavedModels with the
 :meth:`release`; :meth:`close` waits for them before closing the session.
 """
 import logging
+import os
 import threading
 
 import tensorflow as tf
@@ -21,11 +22,23 @@ except ImportError:  # pragma: no cover - scann is part of the pinned stack
     log.warning("scann is not importable: ScaNN SavedModels will not load")
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def session_config(intra_op: int = 0, inter_op: int = 0) -> tf.compat.v1.ConfigProto:
-    """Session options; 0 lets TensorFlow pick (all cores)."""
+    """Session options; 0 = the cores this process may use (not the machine's).
+
+    Sessions share TensorFlow's process-wide pools, so versions and models do
+    not multiply threads; the first session's sizes apply.
+    """
+    cores = usable_cores()
     return tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=intra_op,
-        inter_op_parallelism_threads=inter_op,
+        intra_op_parallelism_threads=intra_op or cores,
+        inter_op_parallelism_threads=inter_op or cores,
         allow_soft_placement=True,
     )
 

@@ -146,3 +146,36 @@ def test_request_larger_than_max_batch_runs_alone(server):
                            age=np.array(ages, np.float32))
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"]), want["scores"],
                                rtol=1e-6)
+
+
+def test_sigterm_finishes_queued_requests(start_server, templates, tmp_path):
+    """A request waiting in the batch queue still gets its answer on SIGTERM."""
+    import signal
+
+    install_version(templates[1], str(tmp_path / "m"), 1)
+    params = tmp_path / "batching.config"
+    params.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 1500000 }")
+    server = start_server("--model_name=m", f"--model_base_path={tmp_path / 'm'}",
+                          f"--batching_parameters_file={params}")
+    answers = {}
+
+    def call_rest():
+        answers["rest"] = server.http("POST", "/v1/models/m:predict",
+                                      {"instances": [{"user_id": "a", "age": 1.0}]})
+
+    predict, _ = server.stubs()
+
+    def call_grpc():
+        answers["grpc"] = predict.Predict(request(["b"], [2.0]), timeout=20)
+
+    threads = [threading.Thread(target=call_rest), threading.Thread(target=call_grpc)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)            # both are now queued, waiting for the 1.5 s batch timeout
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    assert server.proc.wait(timeout=30) == 0, server.log()
+    status, body = answers["rest"]
+    assert status == 200 and len(body["predictions"]) == 1, body
+    assert answers["grpc"].outputs["scores"].tensor_shape.dim[0].size == 1
