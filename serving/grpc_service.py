@@ -6,7 +6,6 @@ other exception INTERNAL, so no request can take the server down.
 import logging
 import time
 
-import grpc
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_management_pb2,
@@ -15,6 +14,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving.errors import ServingError, from_exception, invalid_argument, unimplemented
+from serving.manager import resolve_model_spec
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusResponse:
     """GetModelStatusResponse for a ModelSpec (name, optional version or label)."""
-    from serving.manager import resolve_model_spec
-
     response = get_model_status_pb2.GetModelStatusResponse()
     for version, state, error in manager.status(*resolve_model_spec(model_spec)):
         entry = response.model_version_status.add(version=version, state=state)

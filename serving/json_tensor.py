@@ -178,7 +178,7 @@ def _rows(instances, signature) -> dict:
     columns = {}
     shapes = {}
 
-    def add(item, name, index, keyed):
+    def add(item, name):
         arr = to_array(item, specs[name])
         if name not in shapes:
             shapes[name] = arr.shape
@@ -204,7 +204,7 @@ def _rows(instances, signature) -> dict:
                         f"list. Error: Invalid argument: JSON object: does not have named "
                         f"input: {name}")
                 try:
-                    add(item, name, index, True)
+                    add(item, name)
                 except Exception as exc:
                     raise invalid_argument(
                         f"Failed to process element: {index} key: {name} of 'instances' "
@@ -218,7 +218,7 @@ def _rows(instances, signature) -> dict:
                 raise invalid_argument(
                     f"Expecting value/list but got object at item {index} of input list")
             try:
-                add(elem, names[0], index, False)
+                add(elem, names[0])
             except Exception as exc:
                 raise invalid_argument(
                     f"Failed to process element: {index} of 'instances' list. Error: "

@@ -7,6 +7,7 @@ The blocking work runs on a thread pool so the loop stays free.  When
 monitoring is enabled the Prometheus text is served at its configured path.
 """
 import asyncio
+import json
 import logging
 import re
 import threading
@@ -21,6 +22,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 from serving import json_tensor
 from serving.errors import ServingError, from_exception, invalid_argument, unimplemented
 from serving.grpc_service import status_response
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.predict import SIGNATURE_DEF_FIELD
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,6 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def _proto_json(message) -> bytes:
-    import json
     return json.dumps(json_format.MessageToDict(
         message, preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True), indent=1).encode()
@@ -65,8 +66,7 @@ class RestHandler:
     def handle(self, method: str, path: str, body: bytes):
         """Returns (status, content_type, body bytes)."""
         if self._monitoring_path and method == "GET" and path == self._monitoring_path:
-            from serving.metrics import CONTENT_TYPE
-            return 200, CONTENT_TYPE, self._metrics.exposition()
+            return 200, METRICS_CONTENT_TYPE, self._metrics.exposition()
         started = time.monotonic()
         model_name, api, status = "", "", "OK"
         try:
@@ -130,7 +130,6 @@ class RestHandler:
         response = self._predictor.metadata(request)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata[SIGNATURE_DEF_FIELD].Unpack(sig_map)
-        import json
         doc = {
             "model_spec": json_format.MessageToDict(
                 response.model_spec, preserving_proto_field_name=True,

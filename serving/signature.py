@@ -7,9 +7,6 @@ runs, naming the offending input.
 """
 from dataclasses import dataclass
 
-import numpy as np
-from tensorflow.core.framework import types_pb2
-
 from serving.errors import invalid_argument
 from serving.tensors import dtype_name, numpy_dtype
 
@@ -122,10 +119,3 @@ class Signature:
                         f"the other inputs' batch size {size}.")
         return size or 0
 
-
-def is_string(dtype: int) -> bool:
-    return dtype == types_pb2.DT_STRING
-
-
-def zeros_like_spec(spec: TensorSpec, shape) -> np.ndarray:
-    return np.full(shape, b"" if spec.np_dtype is object else 0, dtype=spec.np_dtype)

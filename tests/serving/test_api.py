@@ -210,10 +210,6 @@ def test_grpc_status(server):
 
 
 # -- malformed requests -----------------------------------------------------------
-def _bad(**kw):
-    return kw
-
-
 GRPC_CASES = {
     "unknown model": (lambda: make_request(name="nope"), grpc.StatusCode.NOT_FOUND,
                       "Servable not found for request: Latest(nope)"),
