@@ -25,6 +25,11 @@ from serving.errors import ServingError, from_exception, invalid_argument, resou
 
 log = logging.getLogger(__name__)
 
+#: The project contract answers a full queue with RESOURCE_EXHAUSTED (HTTP 429).
+#: Upstream TF Serving's SharedBatchScheduler answers UNAVAILABLE (HTTP 503)
+#: with the same message; switch here to match it.
+QUEUE_FULL_ERROR = resource_exhausted
+
 
 @dataclass(frozen=True)
 class BatchingOptions:
@@ -163,8 +168,10 @@ class BatchScheduler:
                 batch = batches[-1]
             else:
                 if len(batches) >= opts.max_enqueued_batches:
-                    raise resource_exhausted(
-                        "The batch scheduling queue to which this task was submitted is full")
+                    raise QUEUE_FULL_ERROR(
+                        "The batch scheduling queue to which this task was submitted is "
+                        f"full; currently {len(batches)} batches enqueued and "
+                        f"max_enqueued_batches is {opts.max_enqueued_batches}")
                 batch = _Batch()
                 batches.append(batch)
             batch.tasks.append(task)
