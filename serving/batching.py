@@ -76,10 +76,10 @@ class BatchingOptions:
 
 
 class _Task:
-    __slots__ = ("arrays", "size", "enqueued", "done", "result", "error")
+    __slots__ = ("arrays", "size", "deadline", "enqueued", "done", "result", "error")
 
-    def __init__(self, arrays, size):
-        self.arrays, self.size = arrays, size
+    def __init__(self, arrays, size, deadline=None):
+        self.arrays, self.size, self.deadline = arrays, size, deadline
         self.enqueued = time.monotonic()
         self.done = threading.Event()
         self.result = self.error = None
@@ -149,14 +149,19 @@ class BatchScheduler:
         for t in self._threads:
             t.start()
 
-    def run(self, key, run_fn, model_name, signature, arrays: dict, size: int) -> dict:
-        """Runs ``run_fn(arrays)`` batched with concurrent tasks under ``key``."""
+    def run(self, key, run_fn, model_name, signature, arrays: dict, size: int,
+            deadline: float = None) -> dict:
+        """Runs ``run_fn(arrays)`` batched with concurrent tasks under ``key``.
+
+        ``deadline`` (time.monotonic() seconds, e.g. from the gRPC deadline): a
+        task still queued past it is dropped with DEADLINE_EXCEEDED.
+        """
         opts = self.options
         if size > opts.max_batch_size:
             if self._metrics:
                 self._metrics.record_batch(model_name, size)
             return run_fn(arrays)
-        task = _Task(arrays, size)
+        task = _Task(arrays, size, deadline)
         with self._cv:
             if self._stopping:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
@@ -216,8 +221,11 @@ class BatchScheduler:
             self._process(queue, batch)
 
     def _process(self, queue: _Queue, batch: _Batch) -> None:
-        tasks = batch.tasks
         started = time.monotonic()
+        tasks = self._drop_expired(batch.tasks, started)
+        if not tasks:
+            return
+        batch.size = sum(t.size for t in tasks)
         if self._metrics:
             for t in tasks:
                 self._metrics.record_queuing(queue.model_name, started - t.enqueued)
@@ -235,6 +243,19 @@ class BatchScheduler:
                 if not t.done.is_set():
                     t.error = err
                     t.done.set()
+
+    @staticmethod
+    def _drop_expired(tasks, now):
+        live = []
+        for t in tasks:
+            if t.deadline is not None and now > t.deadline:
+                t.error = ServingError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "Batching session Run() timeout exceeded while waiting in batching queue")
+                t.done.set()
+            else:
+                live.append(t)
+        return live
 
     def _finish(self, tasks, arrays, size, queue) -> None:
         target = self.options.padded_size(size)

@@ -48,7 +48,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                                              time.monotonic() - started)
 
     def Predict(self, request, context):
-        return self._call("predict", request, context, self._predictor.predict)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return self._call("predict", request, context,
+                          lambda r: self._predictor.predict(r, deadline))
 
     def GetModelMetadata(self, request, context):
         return self._call("GetModelMetadata", request, context, self._predictor.metadata)

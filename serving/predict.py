@@ -62,7 +62,8 @@ class Predictor:
         finally:
             self.manager.release(servable)
 
-    def run(self, servable, signature, arrays: dict, output_aliases: tuple) -> dict:
+    def run(self, servable, signature, arrays: dict, output_aliases: tuple,
+            deadline: float = None) -> dict:
         """Runs validated inputs, through the batch scheduler when it applies."""
         signature.check_method()
         if self.scheduler is None or not signature.batchable:
@@ -71,15 +72,15 @@ class Predictor:
         key = (id(servable), signature.key, output_aliases)
         return self.scheduler.run(
             key, lambda a: servable.run(signature, a, output_aliases),
-            servable.name, signature, arrays, size)
+            servable.name, signature, arrays, size, deadline)
 
-    def predict_on(self, servable, request, use_batching: bool = True):
+    def predict_on(self, servable, request, use_batching: bool = True, deadline=None):
         """Predict on an already held servable (also used by warmup)."""
         signature = find_signature(servable, request.model_spec.signature_name)
         arrays = decode_inputs(signature, request.inputs)
         outputs = signature.resolve_outputs(request.output_filter)
         if use_batching:
-            values = self.run(servable, signature, arrays, outputs)
+            values = self.run(servable, signature, arrays, outputs, deadline)
         else:
             signature.check_method()
             values = servable.run(signature, arrays, outputs)
@@ -92,11 +93,12 @@ class Predictor:
             from_numpy(values[alias], response.outputs[alias])
         return response
 
-    def predict(self, request) -> predict_pb2.PredictResponse:
+    def predict(self, request, deadline: float = None) -> predict_pb2.PredictResponse:
+        """``deadline``: time.monotonic() seconds after which queued work is dropped."""
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
         with self.servable(request.model_spec) as servable:
-            return self.predict_on(servable, request)
+            return self.predict_on(servable, request, deadline=deadline)
 
     def warmup_predict(self, servable, request) -> None:
         """Warmup replay: same checks, no batching, response discarded."""

@@ -179,3 +179,28 @@ def test_sigterm_finishes_queued_requests(start_server, templates, tmp_path):
     status, body = answers["rest"]
     assert status == 200 and len(body["predictions"]) == 1, body
     assert answers["grpc"].outputs["scores"].tensor_shape.dim[0].size == 1
+
+
+def test_expired_tasks_are_dropped_before_running():
+    """Unit: a queued task past its deadline never reaches sess.run."""
+    from serving.batching import BatchingOptions, BatchScheduler
+
+    calls = []
+
+    def run_fn(arrays):
+        calls.append(len(arrays["x"]))
+        return {"y": arrays["x"] * 2}
+
+    scheduler = BatchScheduler(BatchingOptions(max_batch_size=8, batch_timeout_micros=200000,
+                                               num_batch_threads=1))
+    try:
+        results = concurrently([
+            lambda: scheduler.run("k", run_fn, "m", None, {"x": np.ones(1)}, 1,
+                                  deadline=time.monotonic() + 0.05),
+            lambda: scheduler.run("k", run_fn, "m", None, {"x": np.full(2, 3.0)}, 2),
+        ])
+    finally:
+        scheduler.stop()
+    assert isinstance(results[0], Exception) and results[0].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert results[1]["y"].tolist() == [6.0, 6.0]
+    assert calls == [2]
