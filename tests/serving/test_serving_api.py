@@ -15,8 +15,8 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from conftest import Server, install_version
-from model_factory import call_in_process
+from serving_harness import Server, install_version
+from serving_models import call_in_process
 
 USERS = ["u1", "u2", "u3"]
 AGES = np.array([20.0, 35.5, 61.0], np.float32)

@@ -11,8 +11,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, predict_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from conftest import install_version
-from model_factory import write_warmup
+from serving_harness import install_version
+from serving_models import write_warmup
 
 State = get_model_status_pb2.ModelVersionStatus.State
 

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from conftest import install_version
-from model_factory import call_in_process
+from serving_harness import install_version
+from serving_models import call_in_process
 
 MAX_BATCH = 4
 
@@ -57,7 +57,7 @@ def concurrently(fns):
 
 @pytest.fixture(scope="module")
 def server(templates, tmp_path_factory):
-    from conftest import Server
+    from serving_harness import Server
 
     root = tmp_path_factory.mktemp("batching")
     install_version(templates[1], str(root / "m"), 1)
