@@ -1,0 +1,128 @@
+"""TF Serving's gRPC services (PredictionService, ModelService) over grpcio.
+
+Every handler catches everything: a ServingError becomes its status code, any
+other exception INTERNAL, so no request can take the server down.
+"""
+import logging
+import time
+
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2_grpc,
+)
+
+from serving.errors import ServingError, from_exception, invalid_argument, unimplemented
+from serving.manager import resolve_model_spec
+
+log = logging.getLogger(__name__)
+
+
+def _abort(context, err: ServingError):
+    context.abort(err.code, err.message)
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Predict and GetModelMetadata; Classify/Regress/MultiInference are UNIMPLEMENTED."""
+
+    def __init__(self, predictor, metrics=None):
+        self._predictor = predictor
+        self._metrics = metrics
+
+    def _call(self, api: str, request, context, fn):
+        started = time.monotonic()
+        status = "OK"
+        try:
+            return fn(request)
+        except Exception as exc:  # noqa: BLE001 - the server never dies on a request
+            err = from_exception(exc)
+            if not isinstance(exc, ServingError):
+                log.exception("%s failed", api)
+            status = err.code_name
+            _abort(context, err)
+        finally:
+            if self._metrics is not None:
+                name = request.model_spec.name if request.HasField("model_spec") else ""
+                self._metrics.record_request(name, api, "GRPC", status,
+                                             time.monotonic() - started)
+
+    def Predict(self, request, context):
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return self._call("predict", request, context,
+                          lambda r: self._predictor.predict(r, deadline))
+
+    def GetModelMetadata(self, request, context):
+        return self._call("GetModelMetadata", request, context, self._predictor.metadata)
+
+    def _unimplemented(self, api, request, context):
+        def fail(_):
+            raise unimplemented(
+                f"{api} is not supported by this server: serve a predict signature "
+                "and use Predict (the project's models have no classify/regress "
+                "signatures).")
+        return self._call(api.lower(), request, context, fail)
+
+    def Classify(self, request, context):
+        return self._unimplemented("Classify", request, context)
+
+    def Regress(self, request, context):
+        return self._unimplemented("Regress", request, context)
+
+    def MultiInference(self, request, context):
+        def fail(_):
+            raise unimplemented("MultiInference is not supported by this server; use Predict.")
+        try:
+            fail(request)
+        except ServingError as err:
+            _abort(context, err)
+
+
+def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatusResponse for a ModelSpec (name, optional version or label)."""
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version, state, error in manager.status(*resolve_model_spec(model_spec)):
+        entry = response.model_version_status.add(version=version, state=state)
+        entry.status.SetInParent()   # TF Serving always reports a status (OK by default)
+        if error is not None:
+            entry.status.error_code = error.code.value[0]
+            entry.status.error_message = error.message
+    return response
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus and HandleReloadConfigRequest."""
+
+    def __init__(self, manager, reload_fn):
+        self._manager = manager
+        self._reload_fn = reload_fn
+
+    def GetModelStatus(self, request, context):
+        try:
+            if not request.HasField("model_spec"):
+                raise invalid_argument("Missing ModelSpec")
+            return status_response(self._manager, request.model_spec)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, from_exception(exc))
+
+    def HandleReloadConfigRequest(self, request, context):
+        try:
+            config = request.config
+            if config.WhichOneof("config") != "model_config_list":
+                raise invalid_argument(
+                    "ServerConfig must contain a model_config_list (custom_model_config "
+                    "is not supported)")
+            self._reload_fn(config.model_config_list)
+            response = model_management_pb2.ReloadConfigResponse()
+            response.status.error_code = 0
+            return response
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, from_exception(exc))
+
+
+def add_services(server, predictor, manager, reload_fn, metrics=None) -> None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(predictor, metrics), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelService(manager, reload_fn), server)

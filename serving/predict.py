@@ -1,0 +1,126 @@
+"""Predict and GetModelMetadata logic shared by the gRPC and REST front ends.
+
+``Predictor.predict`` takes a PredictRequest and returns a PredictResponse;
+``Predictor.predict_arrays`` is the same path for callers (REST) that already
+hold numpy inputs.  Signature lookup and validation use the per-version
+:class:`~serving.signature.Signature` computed at load time.
+"""
+from contextlib import contextmanager
+
+from google.protobuf import any_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
+
+from serving.errors import failed_precondition, invalid_argument
+from serving.manager import resolve_model_spec
+from serving.tensors import from_numpy, shape_of, to_numpy
+
+DEFAULT_SIGNATURE = "serving_default"
+SIGNATURE_DEF_FIELD = "signature_def"
+
+
+def signature_key(name: str) -> str:
+    return name or DEFAULT_SIGNATURE
+
+
+def find_signature(servable, name: str):
+    """The Signature called ``name`` (FAILED_PRECONDITION when absent)."""
+    key = signature_key(name)
+    sig = servable.signatures.get(key)
+    if sig is None:
+        raise failed_precondition(f"Serving signature key \"{key}\" not found.")
+    return sig
+
+
+def decode_inputs(signature, inputs) -> dict:
+    """alias -> ndarray from a request's TensorProto map, checked against the signature."""
+    signature.check_aliases(inputs.keys())
+    arrays = {}
+    for alias in signature.input_aliases:
+        if alias not in inputs:
+            continue
+        proto = inputs[alias]
+        signature.check_tensor(alias, proto.dtype, shape_of(proto, alias))
+        arrays[alias] = to_numpy(proto, alias)
+    return arrays
+
+
+class Predictor:
+    """Runs predictions on the manager's servables, batched when enabled."""
+
+    def __init__(self, manager, scheduler=None):
+        self.manager = manager
+        self.scheduler = scheduler
+
+    @contextmanager
+    def servable(self, model_spec):
+        """Holds the servable a ModelSpec resolves to for the block's duration."""
+        if model_spec is None:
+            raise invalid_argument("Missing ModelSpec")
+        servable = self.manager.acquire(*resolve_model_spec(model_spec))
+        try:
+            yield servable
+        finally:
+            self.manager.release(servable)
+
+    def run(self, servable, signature, arrays: dict, output_aliases: tuple,
+            deadline: float = None) -> dict:
+        """Runs validated inputs, through the batch scheduler when it applies."""
+        signature.check_method()
+        if self.scheduler is None or not signature.batchable:
+            return servable.run(signature, arrays, output_aliases)
+        size = signature.check_batch_sizes(arrays)
+        key = (id(servable), signature.key, output_aliases)
+        return self.scheduler.run(
+            key, lambda a: servable.run(signature, a, output_aliases),
+            servable.name, signature, arrays, size, deadline)
+
+    def predict_on(self, servable, request, use_batching: bool = True, deadline=None):
+        """Predict on an already held servable (also used by warmup)."""
+        signature = find_signature(servable, request.model_spec.signature_name)
+        arrays = decode_inputs(signature, request.inputs)
+        outputs = signature.resolve_outputs(request.output_filter)
+        if use_batching:
+            values = self.run(servable, signature, arrays, outputs, deadline)
+        else:
+            signature.check_method()
+            values = servable.run(signature, arrays, outputs)
+        response = predict_pb2.PredictResponse()
+        spec = response.model_spec
+        spec.name = request.model_spec.name or servable.name
+        spec.version.value = servable.version
+        spec.signature_name = signature.key
+        for alias in outputs:
+            from_numpy(values[alias], response.outputs[alias])
+        return response
+
+    def predict(self, request, deadline: float = None) -> predict_pb2.PredictResponse:
+        """``deadline``: time.monotonic() seconds after which queued work is dropped."""
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        with self.servable(request.model_spec) as servable:
+            return self.predict_on(servable, request, deadline=deadline)
+
+    def warmup_predict(self, servable, request) -> None:
+        """Warmup replay: same checks, no batching, response discarded."""
+        self.predict_on(servable, request, use_batching=False)
+
+    def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing model_spec")
+        if not request.metadata_field:
+            raise invalid_argument(
+                "GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != SIGNATURE_DEF_FIELD:
+                raise invalid_argument(f"Metadata field {field} is not supported")
+        with self.servable(request.model_spec) as servable:
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = request.model_spec.name
+            response.model_spec.version.value = servable.version
+            sig_map = get_model_metadata_pb2.SignatureDefMap()
+            for key, sig_def in servable.signature_defs.items():
+                sig_map.signature_def[key].CopyFrom(sig_def)
+            packed = any_pb2.Any()
+            packed.Pack(sig_map)
+            response.metadata[SIGNATURE_DEF_FIELD].CopyFrom(packed)
+            return response

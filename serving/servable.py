@@ -1,0 +1,119 @@
+"""One loaded SavedModel version: its own tf.Graph + tf.compat.v1.Session.
+
+Loads exactly as TF Serving's session-based path does
+(``tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)``) and runs
+signatures by tensor name.  ``scann`` is imported first so SavedModels with the
+``Scann>*`` ops load.  Requests hold the servable with :meth:`acquire` /
+:meth:`release`; :meth:`close` waits for them before closing the session.
+"""
+import logging
+import os
+import threading
+
+import tensorflow as tf
+
+from serving.signature import Signature
+
+log = logging.getLogger(__name__)
+
+try:  # registers the Scann>* custom ops before any graph is imported
+    import scann  # noqa: F401
+except ImportError:  # pragma: no cover - scann is part of the pinned stack
+    log.warning("scann is not importable: ScaNN SavedModels will not load")
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def session_config(intra_op: int = 0, inter_op: int = 0) -> tf.compat.v1.ConfigProto:
+    """Session options; 0 = the cores this process may use (not the machine's).
+
+    Sessions share TensorFlow's process-wide pools, so versions and models do
+    not multiply threads; the first session's sizes apply.
+    """
+    cores = usable_cores()
+    return tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=intra_op or cores,
+        inter_op_parallelism_threads=inter_op or cores,
+        allow_soft_placement=True,
+    )
+
+
+class Servable:
+    """A loaded model version, runnable by SignatureDef alias."""
+
+    def __init__(self, name: str, version: int, path: str, config=None):
+        self.name = name
+        self.version = version
+        self.path = path
+        self._config = config
+        self.graph = None
+        self.session = None
+        self.signature_defs = {}
+        self.signatures = {}
+        self._callables = {}
+        self._callables_lock = threading.Lock()
+        self._inflight = 0
+        self._cv = threading.Condition()
+
+    def load(self) -> "Servable":
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph, config=self._config)
+        try:
+            with self.graph.as_default():
+                meta_graph = tf.compat.v1.saved_model.loader.load(
+                    self.session, ["serve"], self.path)
+        except BaseException:
+            self.session.close()
+            raise
+        self.signature_defs = dict(meta_graph.signature_def)
+        self.signatures = {k: Signature(k, s) for k, s in self.signature_defs.items()}
+        return self
+
+    # -- running ----------------------------------------------------------
+    def _callable(self, signature: Signature, output_aliases: tuple):
+        key = (signature.key, output_aliases)
+        fn = self._callables.get(key)
+        if fn is None:
+            with self._callables_lock:
+                fn = self._callables.get(key)
+                if fn is None:
+                    fetches = [signature.outputs[a].name for a in output_aliases]
+                    feeds = [signature.inputs[a].name for a in signature.input_aliases]
+                    fn = self.session.make_callable(fetches, feed_list=feeds)
+                    self._callables[key] = fn
+        return fn
+
+    def run(self, signature: Signature, arrays: dict, output_aliases: tuple) -> dict:
+        """Runs ``signature`` on ``arrays`` (alias -> ndarray); returns alias -> ndarray."""
+        if len(arrays) == len(signature.inputs):
+            fn = self._callable(signature, output_aliases)
+            values = fn(*[arrays[a] for a in signature.input_aliases])
+        else:  # some inputs left to their defaults
+            values = self.session.run(
+                [signature.outputs[a].name for a in output_aliases],
+                {signature.inputs[a].name: v for a, v in arrays.items()})
+        return dict(zip(output_aliases, values))
+
+    # -- lifetime ---------------------------------------------------------
+    def acquire(self) -> None:
+        with self._cv:
+            self._inflight += 1
+
+    def release(self) -> None:
+        with self._cv:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._cv.notify_all()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Waits for in-flight requests, then closes the session."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._inflight == 0, timeout=timeout)
+        if self.session is not None:
+            self.session.close()
+            self.session = None

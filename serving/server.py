@@ -1,0 +1,162 @@
+"""Wires manager, predictor, batching, gRPC, REST and metrics into one server.
+
+``ModelServer.start()`` applies the model config, waits for the models to
+become AVAILABLE (or fail), then opens the gRPC and REST ports; ``stop()``
+stops accepting, finishes in-flight requests and unloads everything.
+"""
+import logging
+import os
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from serving import config as config_io
+from serving.batching import BatchingOptions, BatchScheduler
+from serving.grpc_service import add_services
+from serving.manager import ServableManager
+from serving.metrics import Metrics
+from serving.predict import Predictor
+from serving.rest import RestHandler, RestServer
+from serving.servable import Servable, session_config
+from serving.warmup import run_warmup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8500
+    rest_api_port: int = 8501
+    model_server_config: object = None       # ModelServerConfig
+    model_config_file: str = ""
+    model_config_file_poll_wait_seconds: float = 0
+    file_system_poll_wait_seconds: float = 1
+    batching_options: BatchingOptions = None  # None = batching off
+    monitoring_config: object = None
+    enable_model_warmup: bool = True
+    max_request_bytes: int = 64 << 20
+    grpc_max_threads: int = 32
+    intra_op_parallelism: int = 0
+    inter_op_parallelism: int = 0
+    startup_timeout_seconds: float = None
+
+
+class ModelServer:
+    """The whole model server; used by the CLI and usable in-process."""
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.metrics = Metrics()
+        self._session_config = session_config(options.intra_op_parallelism,
+                                              options.inter_op_parallelism)
+        self.manager = ServableManager(self._load, options.file_system_poll_wait_seconds)
+        self.scheduler = BatchScheduler(options.batching_options, self.metrics) \
+            if options.batching_options else None
+        self.predictor = Predictor(self.manager, self.scheduler)
+        self._grpc = None
+        self._rest = None
+        self._config_text = None
+        self._stop_config_poll = threading.Event()
+
+    # -- loading -------------------------------------------------------------
+    def _load(self, name: str, version: int, path: str) -> Servable:
+        servable = Servable(name, version, path, self._session_config).load()
+        if self.options.enable_model_warmup:
+            try:
+                count = run_warmup(servable, self.predictor.warmup_predict)
+            except BaseException:
+                servable.close(timeout=0)
+                raise
+            if count:
+                log.info("Finished reading warmup data for model %s version %d: %d records",
+                         name, version, count)
+        return servable
+
+    def reload_config(self, model_config_list, wait: bool = True) -> None:
+        """HandleReloadConfigRequest: replace the model list, wait for new models."""
+        self.manager.set_config(model_config_list)
+        self.manager.poll_once()
+        if wait:
+            self.manager.wait_until_settled()
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        opts = self.options
+        self._config_text = config_file_text(opts.model_config_file)
+        self.manager.set_config(opts.model_server_config.model_config_list)
+        self.manager.poll_once()
+        self.manager.wait_until_settled(timeout=opts.startup_timeout_seconds)
+        self.manager.start()
+        if opts.model_config_file and opts.model_config_file_poll_wait_seconds > 0:
+            threading.Thread(target=self._poll_config_file, name="config-poller",
+                             daemon=True).start()
+        self._start_grpc()
+        if opts.rest_api_port:
+            self._start_rest()
+
+    def _start_grpc(self) -> None:
+        opts = self.options
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=opts.grpc_max_threads,
+                                       thread_name_prefix="grpc"),
+            options=[("grpc.max_receive_message_length", opts.max_request_bytes),
+                     ("grpc.max_send_message_length", -1),
+                     ("grpc.so_reuseport", 0)])
+        add_services(self._grpc, self.predictor, self.manager, self.reload_config,
+                     self.metrics)
+        address = f"{opts.host}:{opts.port}"
+        if self._grpc.add_insecure_port(address) == 0:
+            raise OSError(f"could not bind gRPC port {address}")
+        self._grpc.start()
+        log.info("Running gRPC ModelServer at %s ...", address)
+
+    def _start_rest(self) -> None:
+        opts = self.options
+        prom = opts.monitoring_config.prometheus_config if opts.monitoring_config else None
+        handler = RestHandler(self.predictor, self.manager, self.metrics,
+                              prom.path if prom is not None and prom.enable else None)
+        self._rest = RestServer(handler, opts.host, opts.rest_api_port,
+                                opts.max_request_bytes)
+        self._rest.start()
+        log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, opts.rest_api_port)
+
+    def _poll_config_file(self) -> None:
+        opts = self.options
+        while not self._stop_config_poll.wait(opts.model_config_file_poll_wait_seconds):
+            try:
+                with open(opts.model_config_file, encoding="utf-8") as f:
+                    text = f.read()
+                if text == self._config_text:
+                    continue
+                config = config_io.read_model_server_config(opts.model_config_file)
+                self._config_text = text
+                self.reload_config(config.model_config_list, wait=False)
+                log.info("Reloaded model config from %s", opts.model_config_file)
+            except Exception:  # noqa: BLE001 - keep serving the old config
+                log.exception("Failed to reload model config %s", opts.model_config_file)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stops accepting, finishes in-flight requests, unloads every model."""
+        self._stop_config_poll.set()
+        done = None
+        if self._grpc is not None:
+            done = self._grpc.stop(grace)
+        if self._rest is not None:
+            self._rest.stop()
+        if done is not None:
+            done.wait(grace)
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self.manager.stop()
+        self.manager.unload_all()
+        log.info("Server stopped")
+
+
+def config_file_text(path: str) -> str:
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()

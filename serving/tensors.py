@@ -1,0 +1,120 @@
+"""TensorProto <-> numpy conversion, without going through TensorFlow ops.
+
+Requests may carry values in ``tensor_content`` or in the typed ``*_val``
+fields; responses are written with the typed fields, as TF Serving's
+``Tensor::AsProtoField`` does.
+"""
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+from serving.errors import invalid_argument
+
+# dtype enum -> (numpy dtype, TensorProto value field)
+_DTYPES = {
+    types_pb2.DT_FLOAT: (np.float32, "float_val"),
+    types_pb2.DT_DOUBLE: (np.float64, "double_val"),
+    types_pb2.DT_INT32: (np.int32, "int_val"),
+    types_pb2.DT_INT16: (np.int16, "int_val"),
+    types_pb2.DT_INT8: (np.int8, "int_val"),
+    types_pb2.DT_UINT8: (np.uint8, "int_val"),
+    types_pb2.DT_UINT16: (np.uint16, "int_val"),
+    types_pb2.DT_INT64: (np.int64, "int64_val"),
+    types_pb2.DT_UINT32: (np.uint32, "uint32_val"),
+    types_pb2.DT_UINT64: (np.uint64, "uint64_val"),
+    types_pb2.DT_BOOL: (np.bool_, "bool_val"),
+    types_pb2.DT_STRING: (object, "string_val"),
+    types_pb2.DT_HALF: (np.float16, "half_val"),
+}
+
+_NUMPY_TO_DTYPE = {
+    np.dtype(np.float32): types_pb2.DT_FLOAT,
+    np.dtype(np.float64): types_pb2.DT_DOUBLE,
+    np.dtype(np.int32): types_pb2.DT_INT32,
+    np.dtype(np.int16): types_pb2.DT_INT16,
+    np.dtype(np.int8): types_pb2.DT_INT8,
+    np.dtype(np.uint8): types_pb2.DT_UINT8,
+    np.dtype(np.uint16): types_pb2.DT_UINT16,
+    np.dtype(np.int64): types_pb2.DT_INT64,
+    np.dtype(np.uint32): types_pb2.DT_UINT32,
+    np.dtype(np.uint64): types_pb2.DT_UINT64,
+    np.dtype(np.bool_): types_pb2.DT_BOOL,
+    np.dtype(np.float16): types_pb2.DT_HALF,
+}
+
+
+def dtype_name(dtype: int) -> str:
+    """``DT_FLOAT`` style name of a DataType enum value."""
+    try:
+        return types_pb2.DataType.Name(dtype)
+    except ValueError:
+        return f"DT_<{dtype}>"
+
+
+def numpy_dtype(dtype: int):
+    """numpy dtype for a DataType enum value (object for strings)."""
+    entry = _DTYPES.get(dtype)
+    return None if entry is None else entry[0]
+
+
+def shape_of(proto: tensor_pb2.TensorProto, alias: str) -> tuple:
+    if proto.tensor_shape.unknown_rank:
+        raise invalid_argument(f"Input \"{alias}\": tensor shape has unknown rank.")
+    dims = tuple(d.size for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in dims):
+        raise invalid_argument(f"Input \"{alias}\": negative dimension in shape {list(dims)}.")
+    return dims
+
+
+def to_numpy(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
+    """Decodes a request TensorProto (``alias`` only names it in errors)."""
+    entry = _DTYPES.get(proto.dtype)
+    if entry is None:
+        raise invalid_argument(
+            f"Input \"{alias}\": unsupported dtype {dtype_name(proto.dtype)}.")
+    np_dtype, field = entry
+    shape = shape_of(proto, alias)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if proto.dtype == types_pb2.DT_STRING:
+        values = list(proto.string_val)
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+    elif proto.tensor_content:
+        try:
+            arr = np.frombuffer(proto.tensor_content, dtype=np_dtype)
+        except ValueError as exc:
+            raise invalid_argument(f"Input \"{alias}\": bad tensor_content ({exc}).")
+    elif proto.dtype == types_pb2.DT_HALF:
+        arr = np.array(proto.half_val, dtype=np.uint16).view(np.float16)
+    else:
+        arr = np.array(getattr(proto, field), dtype=np_dtype)
+    n = arr.size
+    if n != count:
+        if n == 0:
+            arr = np.full(count, b"" if np_dtype is object else 0, dtype=np_dtype)
+        elif n < count:  # TF fills the rest with the last value
+            arr = np.concatenate([arr, np.repeat(arr[-1:], count - n)])
+        else:
+            raise invalid_argument(
+                f"Input \"{alias}\": {n} values do not fit shape {list(shape)}.")
+    return arr.reshape(shape)
+
+
+def from_numpy(arr: np.ndarray, proto: tensor_pb2.TensorProto) -> tensor_pb2.TensorProto:
+    """Writes ``arr`` into ``proto`` with typed value fields."""
+    arr = np.asarray(arr)
+    proto.tensor_shape.CopyFrom(tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in arr.shape]))
+    if arr.dtype == object or arr.dtype.kind in "SU":
+        proto.dtype = types_pb2.DT_STRING
+        proto.string_val.extend(
+            v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel())
+        return proto
+    dtype = _NUMPY_TO_DTYPE.get(arr.dtype)
+    if dtype is None:
+        raise ValueError(f"cannot serialize numpy dtype {arr.dtype}")
+    proto.dtype = dtype
+    if dtype == types_pb2.DT_HALF:
+        proto.half_val.extend(arr.ravel().view(np.uint16).tolist())
+    else:
+        getattr(proto, _DTYPES[dtype][1]).extend(arr.ravel().tolist())
+    return proto

@@ -1,0 +1,103 @@
+"""Fast unit tests of the pure pieces (no server, no model)."""
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.config import file_system_storage_path_source_pb2 as fs_pb2
+
+from serving.batching import BatchingOptions, merge_inputs, pad_rows
+from serving.config_protos import BatchingParameters
+from serving.errors import ServingError, truncate
+from serving.json_tensor import parse_body, request_arrays
+from serving.signature import Signature, TensorSpec
+from serving.tensors import from_numpy, to_numpy
+from serving.version_policy import aspired_versions, list_versions
+
+Policy = fs_pb2.FileSystemStoragePathSourceConfig.ServableVersionPolicy
+
+
+def test_list_versions_ignores_non_numeric_and_incomplete(tmp_path):
+    for name in ("1", "7", "tmp", "12"):
+        (tmp_path / name).mkdir()
+    for name in ("1", "7", "tmp"):
+        (tmp_path / name / "saved_model.pb").write_bytes(b"x")
+    assert sorted(list_versions(str(tmp_path))) == [1, 7]   # 12 has no saved_model.pb yet
+
+
+def test_version_policies():
+    versions = {1: "a", 3: "b", 7: "c"}
+    assert aspired_versions(None, versions) == {7}
+    assert aspired_versions(text_format.Parse("latest { num_versions: 2 }", Policy()),
+                            versions) == {3, 7}
+    assert aspired_versions(text_format.Parse("all {}", Policy()), versions) == {1, 3, 7}
+    assert aspired_versions(text_format.Parse("specific { versions: 1 versions: 9 }",
+                                              Policy()), versions) == {1}
+
+
+def test_batching_options_from_text_proto():
+    params = text_format.Parse(
+        "max_batch_size { value: 8 } batch_timeout_micros { value: 100 } "
+        "allowed_batch_sizes: 2 allowed_batch_sizes: 8", BatchingParameters())
+    opts = BatchingOptions.from_proto(params)
+    assert (opts.max_batch_size, opts.batch_timeout_micros) == (8, 100)
+    assert [opts.padded_size(n) for n in (1, 2, 3, 8)] == [2, 2, 8, 8]
+    bad = text_format.Parse("max_batch_size { value: 8 } allowed_batch_sizes: 4", BatchingParameters())
+    with pytest.raises(ServingError):
+        BatchingOptions.from_proto(bad)
+
+
+class _Task:
+    def __init__(self, **arrays):
+        self.arrays = arrays
+
+
+def _sig():
+    sig = Signature.__new__(Signature)
+    sig.inputs = {
+        "seen": TensorSpec("seen", "s:0", types_pb2.DT_STRING, (-1, -1), object),
+        "x": TensorSpec("x", "x:0", types_pb2.DT_FLOAT, (-1, -1), np.float32),
+    }
+    return sig
+
+
+def test_merge_pads_string_rank2_inputs_and_refuses_others():
+    a = _Task(seen=np.array([[b"i1"]], dtype=object), x=np.zeros((1, 2), np.float32))
+    b = _Task(seen=np.array([[b"i2", b"i3"]], dtype=object), x=np.ones((1, 2), np.float32))
+    merged = merge_inputs([a, b], _sig(), pad_variable_length=False)
+    assert merged["seen"].tolist() == [[b"i1", b""], [b"i2", b"i3"]]
+    c = _Task(seen=np.array([[b"i1"]], dtype=object), x=np.zeros((1, 3), np.float32))
+    assert merge_inputs([a, c], _sig(), pad_variable_length=False) is None
+    assert merge_inputs([a, c], _sig(), pad_variable_length=True)["x"].shape == (2, 3)
+    padded = pad_rows({"x": np.array([[1.0], [2.0]])}, 2, 4)
+    assert padded["x"][:, 0].tolist() == [1.0, 2.0, 1.0, 1.0]
+
+
+def test_tensor_proto_round_trip_and_broadcast():
+    proto = from_numpy(np.array([[1.5, 2.5]], np.float32), tensor_pb2.TensorProto())
+    assert list(proto.float_val) == [1.5, 2.5] and not proto.tensor_content
+    assert to_numpy(proto, "x").tolist() == [[1.5, 2.5]]
+    one = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[3.0])
+    one.tensor_shape.dim.add(size=3)
+    assert to_numpy(one, "x").tolist() == [3.0, 3.0, 3.0]
+    many = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.0, 2.0])
+    many.tensor_shape.dim.add(size=1)
+    with pytest.raises(ServingError):
+        to_numpy(many, "x")
+
+
+def test_json_single_input_plain_list_and_errors():
+    sig = Signature.__new__(Signature)
+    sig.key = "serving_default"
+    sig.inputs = {"x": TensorSpec("x", "x:0", types_pb2.DT_FLOAT, (-1,), np.float32)}
+    arrays, fmt = request_arrays(parse_body(b'{"instances": [1, 2.5]}'), sig)
+    assert fmt == "row" and arrays["x"].tolist() == [1.0, 2.5]
+    with pytest.raises(ServingError, match="without loss of precision"):
+        request_arrays(parse_body(b'{"instances": [16777217]}'), sig)
+    with pytest.raises(ServingError, match="Is not object"):
+        parse_body(b"[1]")
+    with pytest.raises(ServingError, match="Missing 'inputs' or 'instances' key"):
+        request_arrays({}, sig)
+
+
+def test_truncate():
+    assert len(truncate("x" * 5000)) == 1024
