@@ -185,12 +185,12 @@ def _seen_matrix(ctx: _Context, k: int, rows: int) -> np.ndarray:
 
 def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -> dict:
     """Session-run the staged model; exact must match numpy, ScaNN reach the recall."""
-    got = run_with_session(out, ctx.user_inputs)
+    got = run_with_session(out, ctx.user_inputs, batch_size=32)
     truth_rows = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
     truth_ids = ctx.catalog_ids[truth_rows]
     if exact:
-        check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb, ctx.catalog_ids,
-                              ctx.catalog_emb)
+        check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb, truth_rows,
+                              ctx.catalog_ids, ctx.catalog_emb)
         measured = recall(got["item_ids"], truth_ids)
     else:
         measured = recall(got["item_ids"], truth_ids)

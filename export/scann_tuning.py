@@ -39,9 +39,12 @@ class TuningResult:
                 "batched_ms_per_query": self.batched_ms_per_query, "trials": self.trials}
 
 
-def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int,
-                chunk: int = 256) -> np.ndarray:
-    """Row indices of the exact top-k items per query, [num_queries, k]."""
+def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the exact top-k items per query, [num_queries, k].
+
+    Scores are computed a few queries at a time (at most ~32M floats live).
+    """
+    chunk = max(1, min(1024, 32_000_000 // max(len(items), 1)))
     out = []
     for s in range(0, len(queries), chunk):
         scores = queries[s:s + chunk] @ items.T

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 
@@ -19,8 +20,13 @@ class ExportCheckError(RuntimeError):
 
 
 def run_with_session(export_dir: Path, inputs: dict[str, np.ndarray],
-                     signature: str = "serving_default") -> dict[str, np.ndarray]:
-    """Load with tf.compat.v1 loader in a fresh graph and run one signature."""
+                     signature: str = "serving_default",
+                     batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Load with tf.compat.v1 loader in a fresh graph and run one signature.
+
+    Runs ``batch_size`` rows at a time (exact retrieval over a large catalog
+    materialises [batch, catalog] scores) and concatenates the outputs.
+    """
     graph = tf.Graph()
     with tf.compat.v1.Session(graph=graph) as sess:
         meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(export_dir))
@@ -31,9 +37,12 @@ def run_with_session(export_dir: Path, inputs: dict[str, np.ndarray],
         if missing:
             raise ExportCheckError(f"{export_dir}: signature {signature} needs inputs "
                                    f"{sorted(missing)}")
-        feed = {sig.inputs[k].name: v for k, v in inputs.items()}
         fetch = {k: v.name for k, v in sig.outputs.items()}
-        return sess.run(fetch, feed_dict=feed)
+        n = len(next(iter(inputs.values())))
+        parts = [sess.run(fetch, feed_dict={sig.inputs[k].name: v[s:s + batch_size]
+                                            for k, v in inputs.items()})
+                 for s in range(0, n, batch_size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in fetch}
 
 
 def check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = 1e-5) -> None:
@@ -45,19 +54,24 @@ def check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = 1e-5
 
 
 def check_exact_retrieval(item_ids: np.ndarray, scores: np.ndarray, query_emb: np.ndarray,
-                          catalog_ids: np.ndarray, catalog_emb: np.ndarray) -> None:
-    """Exact retrieval must return numpy's top-k scores, and ids whose scores match."""
-    k = scores.shape[1]
-    full = query_emb @ catalog_emb.T
-    want = -np.sort(-full, axis=1)[:, :k]
+                          truth_rows: np.ndarray, catalog_ids: np.ndarray,
+                          catalog_emb: np.ndarray) -> None:
+    """Exact retrieval must return numpy's top-k scores, with ids that carry them.
+
+    ``truth_rows`` [Q, k]: numpy's exact top-k catalog rows for ``query_emb``.
+    Works per returned row, never materialising [Q, catalog] scores.
+    """
+    want = np.einsum("qd,qkd->qk", query_emb, catalog_emb[truth_rows])
     if not np.allclose(scores, want, atol=1e-4):
         raise ExportCheckError("retrieval_exact: scores differ from a numpy brute force "
                                f"(max abs diff {np.abs(scores - want).max():.2e})")
-    row_of = {iid: r for r, iid in enumerate(catalog_ids)}
-    ids = item_ids.astype(str)
-    rows = np.vectorize(row_of.__getitem__)(ids)
-    got = np.take_along_axis(full, rows, axis=1)
-    if not np.allclose(got, scores, atol=1e-4):
+    row_of = pd.Series(np.arange(len(catalog_ids)), index=pd.Index(catalog_ids.astype(str)))
+    rows = row_of.reindex(item_ids.astype(str).ravel()).to_numpy()
+    if np.isnan(rows).any():
+        raise ExportCheckError("retrieval_exact: returned ids that are not in the catalog")
+    rows = rows.astype(np.int64).reshape(item_ids.shape)
+    carried = np.einsum("qd,qkd->qk", query_emb, catalog_emb[rows])
+    if not np.allclose(carried, scores, atol=1e-4):
         raise ExportCheckError("retrieval_exact: returned ids do not carry the returned "
                                "scores")
 

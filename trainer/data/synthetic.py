@@ -41,33 +41,7 @@ def generate(num_users: int = 3000, num_items: int = 1500, exposures_per_user: i
     centres = rng.normal(size=(n_genres, latent_dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
 
-    # ---- items
-    item_genre = rng.integers(0, n_genres, size=num_items)
-    item_vec = centres[item_genre] + 0.45 * rng.normal(size=(num_items, latent_dim))
-    item_vec /= np.linalg.norm(item_vec, axis=1, keepdims=True)
-    popularity = 1.0 / np.arange(1, num_items + 1) ** 1.0
-    popularity = popularity[rng.permutation(num_items)]
-    popularity /= popularity.sum()
-    price_dir = rng.normal(size=latent_dim)
-    price = np.exp(2.5 + 0.8 * item_vec @ price_dir + 0.2 * rng.normal(size=num_items))
-    secondary = np.argsort(-(item_vec @ centres.T), axis=1)[:, 1:3]
-    tags = []
-    for i in range(num_items):
-        t = {GENRES[item_genre[i]]}
-        t.update(GENRES[g] for g in secondary[i] if rng.random() < 0.6)
-        if rng.random() < 0.3:
-            t.add(f"tag{rng.integers(0, 40)}")
-        tags.append("|".join(sorted(t)))
-    words = {g: [f"{g[:3]}{k}" for k in range(30)] for g in GENRES}
-    titles = [" ".join(list(rng.choice(words[GENRES[item_genre[i]]], size=2))
-                       + [f"w{rng.integers(0, 200)}"]) for i in range(num_items)]
-    items = pd.DataFrame({
-        "item_id": [f"i{i}" for i in range(num_items)],
-        "category": [GENRES[g] for g in item_genre],
-        "tags": tags,
-        "price": price.astype(np.float32),
-        "title": titles,
-    })
+    items, item_vec, popularity = _make_items(rng, centres, num_items)
 
     # ---- users
     g1 = rng.integers(0, n_genres, size=num_users)
@@ -144,3 +118,52 @@ def generate(num_users: int = 3000, num_items: int = 1500, exposures_per_user: i
         "item_id": [f"i{i}" for i in np.concatenate(rl_i)],
     })
     return Tables(interactions, users, items, ranking_log=ranking_log, name="synthetic")
+
+
+def _make_items(rng: np.random.Generator, centres: np.ndarray, num_items: int,
+                id_prefix: str = "i") -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Items around genre centres: (feature table, latent vectors, popularity)."""
+    n_genres, latent_dim = centres.shape
+    item_genre = rng.integers(0, n_genres, size=num_items)
+    item_vec = centres[item_genre] + 0.45 * rng.normal(size=(num_items, latent_dim))
+    item_vec /= np.linalg.norm(item_vec, axis=1, keepdims=True)
+    popularity = 1.0 / np.arange(1, num_items + 1) ** 1.0
+    popularity = popularity[rng.permutation(num_items)]
+    popularity /= popularity.sum()
+    price_dir = rng.normal(size=latent_dim)
+    price = np.exp(2.5 + 0.8 * item_vec @ price_dir + 0.2 * rng.normal(size=num_items))
+    secondary = np.argsort(-(item_vec @ centres.T), axis=1)[:, 1:3]
+    tags = []
+    for i in range(num_items):
+        t = {GENRES[item_genre[i]]}
+        t.update(GENRES[g] for g in secondary[i] if rng.random() < 0.6)
+        if rng.random() < 0.3:
+            t.add(f"tag{rng.integers(0, 40)}")
+        tags.append("|".join(sorted(t)))
+    words = {g: [f"{g[:3]}{k}" for k in range(30)] for g in GENRES}
+    titles = [" ".join(list(rng.choice(words[GENRES[item_genre[i]]], size=2))
+                       + [f"w{rng.integers(0, 200)}"]) for i in range(num_items)]
+    items = pd.DataFrame({
+        "item_id": [f"{id_prefix}{i}" for i in range(num_items)],
+        "category": [GENRES[g] for g in item_genre],
+        "tags": tags,
+        "price": price.astype(np.float32),
+        "title": titles,
+    })
+
+    return items, item_vec, popularity
+
+
+def generate_catalog(num_items: int, seed: int = 0, latent_dim: int = 8,
+                     id_prefix: str = "n") -> pd.DataFrame:
+    """A large item table from the same world as ``generate(seed=seed)``.
+
+    Same genre centres, fresh items (ids ``{id_prefix}{i}``): used to benchmark
+    export and serving at 100K-1M items with features the towers understand.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(GENRES), latent_dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    items, _, _ = _make_items(np.random.default_rng([seed, num_items]), centres, num_items,
+                              id_prefix)
+    return items
