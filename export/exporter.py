@@ -9,6 +9,7 @@ share one version number.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,20 @@ import tensorflow as tf
 from export.catalog import embed_catalog
 from export.metadata import now_iso, write_metadata
 from export.run_artifacts import TrainedRun, feature_columns, load_run, read_items
-from export.scann_tuning import ScannParams, TuningResult, exact_top_k, tune
+from export.scann_tuning import ScannParams, TuningResult, escalate, exact_top_k, tune
 from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_index,
                                    scann_index, tower_module)
 from export.verify import (ExportCheckError, check_close, check_exact_retrieval, recall,
                            run_with_session)
 from export.versioning import StagedVersion, next_version
 from export.warmup import write_warmup_requests
+
+_SCANN_ATTEMPTS = 3
+
+
+class _RecallTooLow(Exception):
+    """The built ScaNN index missed the recall target (retried with more search)."""
+
 
 ALL_MODELS = ("query_tower", "candidate_tower", "retrieval", "retrieval_exact")
 SAVE_OPTIONS = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
@@ -101,18 +109,11 @@ def _context(run: TrainedRun, options: ExportOptions) -> _Context:
     users = pd.read_parquet(users_path)
     sample = users.sample(min(len(users), options.sample_queries), random_state=0)
     user_inputs = feature_columns(sample, run.spec["query"], str(users_path))
-    query_emb = _embed(run.query_tower, user_inputs, run.query_signature)
+    query_emb = run.embed("query", user_inputs)
     item_sample = items.sample(min(len(items), 64), random_state=0)
     item_inputs = feature_columns(item_sample, run.spec["candidate"], "item table")
     return _Context(run, items, catalog_ids, catalog_emb, user_inputs, query_emb, item_inputs,
                     options)
-
-
-def _embed(tower, inputs: dict, signature, batch: int = 4096) -> np.ndarray:
-    fn = tf.function(tower.embed, input_signature=[signature])
-    n = len(next(iter(inputs.values())))
-    return np.concatenate([fn({k: v[s:s + batch] for k, v in inputs.items()})["embedding"]
-                           .numpy() for s in range(0, n, batch)])
 
 
 def _tuning(ctx: _Context) -> TuningResult:
@@ -130,33 +131,42 @@ def _head(inputs: dict, n: int) -> dict:
 def _build_model(name: str, ctx: _Context, out: Path, tuning) -> dict:
     run, o = ctx.run, ctx.options
     if name in ("query_tower", "candidate_tower"):
+        side = "query" if name == "query_tower" else "candidate"
         tower, sig, inputs = ((run.query_tower, run.query_signature, ctx.user_inputs)
-                              if name == "query_tower" else
+                              if side == "query" else
                               (run.candidate_tower, run.candidate_signature, ctx.item_inputs))
         module, signatures = tower_module(tower, sig)
         tf.saved_model.save(module, str(out), signatures=signatures, options=SAVE_OPTIONS)
         probe = _head(inputs, 64)
         got = run_with_session(out, probe)["embedding"]
-        check_close(name, got, _embed(tower, probe, sig))
+        check_close(name, got, run.embed(side, probe))
         write_warmup_requests(out, name, [("serving_default", _head(inputs, 1)),
                                           ("serving_default", _head(inputs, 8))])
         return {"signatures": {"serving_default": "raw features -> embedding"}}
 
     exact = name == "retrieval_exact"
     k = min(o.k, len(ctx.catalog_ids))
-    if exact:
-        index = brute_force_index(ctx.catalog_emb, k)
-        params = None
-    else:
+    params = None
+    if not exact:
         fetch = min(k + o.max_exclude, len(ctx.catalog_ids))
         params = ScannParams(**{**tuning.params.__dict__, "num_reordering_candidates":
                                 max(tuning.params.num_reordering_candidates, fetch)})
-        index = scann_index(ctx.catalog_emb, k, params)
-    module = RetrievalModule(run.query_tower, index, ctx.catalog_ids, k, o.max_exclude,
-                             run.query_signature)
-    tf.saved_model.save(module, str(out), signatures=module.signatures(),
-                        options=SAVE_OPTIONS)
-    meta = _check_retrieval(name, out, ctx, k, exact)
+    for attempt in range(_SCANN_ATTEMPTS):
+        index = (brute_force_index(ctx.catalog_emb, k) if exact
+                 else scann_index(ctx.catalog_emb, k, params))
+        module = RetrievalModule(run.query_tower, index, ctx.catalog_ids, k, o.max_exclude,
+                                 run.query_signature)
+        tf.saved_model.save(module, str(out), signatures=module.signatures(),
+                            options=SAVE_OPTIONS)
+        try:
+            meta = _check_retrieval(name, out, ctx, k, exact)
+            break
+        except _RecallTooLow as err:
+            if attempt + 1 == _SCANN_ATTEMPTS:
+                raise ExportCheckError(str(err)) from None
+            params = escalate(params)  # this build's tree fell short: search more
+            shutil.rmtree(out)
+            out.mkdir()
     seen = _seen_matrix(ctx, k, rows=2)
     write_warmup_requests(out, name, [
         ("serving_default", _head(ctx.user_inputs, 1)),
@@ -195,7 +205,7 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -
     else:
         measured = recall(got["item_ids"], truth_ids)
         if measured < ctx.options.recall_target:
-            raise ExportCheckError(
+            raise _RecallTooLow(
                 f"retrieval: ScaNN recall@{k} {measured:.4f} is below the target "
                 f"{ctx.options.recall_target} on {len(truth_ids)} sampled queries")
     # exclusion: the best exact item of each probe user must disappear

@@ -6,7 +6,7 @@ SavedModels loaded with ``tf.saved_model.load``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +30,7 @@ class TrainedRun:
     items: pd.DataFrame
     metrics: dict
     config_text: str
+    _embed_fns: dict = field(default_factory=dict, repr=False)
 
     @property
     def query_signature(self) -> dict[str, tf.TensorSpec]:
@@ -42,6 +43,24 @@ class TrainedRun:
     @property
     def embedding_dim(self) -> int:
         return int(self.spec["embedding_dim"])
+
+    def embed(self, side: str, inputs: dict, batch_size: int = 8192,
+              progress=None) -> np.ndarray:
+        """Embeddings [n, d] of a dict of raw numpy columns, ``side`` "query" or
+        "candidate"; one traced function per side, reused across calls."""
+        fn = self._embed_fns.get(side)
+        if fn is None:
+            tower = self.query_tower if side == "query" else self.candidate_tower
+            sig = self.query_signature if side == "query" else self.candidate_signature
+            fn = self._embed_fns[side] = tf.function(tower.embed, input_signature=[sig])
+        n = len(next(iter(inputs.values())))
+        out = np.empty((n, self.embedding_dim), np.float32)
+        for start in range(0, n, batch_size):
+            chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
+            out[start:start + batch_size] = fn(chunk)["embedding"].numpy()
+            if progress is not None:
+                progress.update(min(batch_size, n - start))
+        return out
 
 
 def _signature(features: list[dict]) -> dict[str, tf.TensorSpec]:
