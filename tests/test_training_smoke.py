@@ -54,3 +54,16 @@ def test_interrupted_training_resumes(tmp_path):
     # epochs 1-2 were restored from the backup: only epoch 3 runs again
     assert len(resumed.history["loss"]) == 1
     assert (tmp_path / "checkpoints" / "epoch-003.index").exists()
+
+
+def test_validation_metric_and_early_stopping(tmp_path):
+    config = parse_config({**TINY, "data": {**TINY["data"], "num_users": 150,
+                                            "num_items": 80},
+                           "training": {**TINY["training"], "epochs": 30,
+                                        "validation_fraction": 0.2,
+                                        "early_stopping_patience": 1,
+                                        "early_stopping_metric": "val_hr@10"}})
+    run = train(config, tmp_path, verbose=0)
+    assert len(run.history["val_hr@10"]) == len(run.history["loss"])
+    assert len(run.history["loss"]) < 30  # stopped early
+    assert 0.0 <= min(run.history["val_hr@100"]) <= 1.0
