@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import TINY
+from tiny_run_config import TINY
 from trainer.config import parse_config
 from trainer.train import train
 
