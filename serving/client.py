@@ -193,8 +193,14 @@ class ServingClient:
         self._lock = threading.Lock()
         self._channel = self._stub = None
         if transport == "grpc":
+            # reconnect quickly after UNAVAILABLE so that retries can reach a server
+            # that has just come up (gRPC's default first reconnect backoff is 1 s)
             options = [("grpc.max_receive_message_length", 64 << 20),
-                       ("grpc.max_send_message_length", 64 << 20), *(channel_options or [])]
+                       ("grpc.max_send_message_length", 64 << 20),
+                       ("grpc.initial_reconnect_backoff_ms", 100),
+                       ("grpc.min_reconnect_backoff_ms", 100),
+                       ("grpc.max_reconnect_backoff_ms", int(max_backoff_s * 1000) or 1000),
+                       *(channel_options or [])]
             self._channel = grpc.insecure_channel(target, options=options)
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         else:

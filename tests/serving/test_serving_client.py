@@ -226,11 +226,11 @@ class _FlakyServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 def fake_grpc(server):
     started = []
 
-    def start(**kwargs):
+    def start(port=0, **kwargs):
         servicer = _FlakyServicer(server.stubs()[0], **kwargs)
         srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, srv)
-        port = srv.add_insecure_port("127.0.0.1:0")
+        port = srv.add_insecure_port(f"127.0.0.1:{port}")
         srv.start()
         started.append(srv)
         return f"127.0.0.1:{port}", servicer
@@ -309,6 +309,27 @@ def test_grpc_unavailable_then_success(fake_grpc, users, server):
         with pytest.raises(ServingError, match="UNAVAILABLE: warming up") as err:
             client.recommend(users[0])
     assert err.value.attempts == 3 and servicer.calls == 3
+
+
+def test_grpc_server_coming_up_late_is_reached_by_retries(fake_grpc, users):
+    port = free_port()
+    result = {}
+
+    def ask():
+        try:
+            with RetrievalClient(f"127.0.0.1:{port}", retries=12, backoff_s=0.1,
+                                 max_backoff_s=0.3) as client:
+                result["recs"] = client.recommend(users[0], k=3)
+        except Exception as err:  # reported below
+            result["error"] = err
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(0.8)            # the client has already failed a few attempts
+    fake_grpc(port=port)
+    asker.join(timeout=20)
+    assert "error" not in result, result.get("error")
+    assert len(result["recs"]) == 3
 
 
 def test_rest_503_then_success(fake_rest, users, server):
