@@ -145,19 +145,88 @@ class ModelConfig(_Strict):
 
 
 # ---------------------------------------------------------------------- objective
-class ObjectiveConfig(_Strict):
-    """How the towers are trained.
+ObjectiveKind = Literal["in_batch_softmax", "matrix_factorization", "pointwise",
+                        "pairwise_hinge", "pairwise_logistic", "listwise"]
+# Objectives that train on explicitly sampled negatives per positive [B, N].
+PER_QUERY_OBJECTIVES = ("pointwise", "pairwise_hinge", "pairwise_logistic", "listwise")
 
-    ``in_batch_softmax`` is TFRS Retrieval: in-batch sampled softmax whose
-    negatives are the batch's other positives, corrected by log(p_item)
-    (logQ) because popular items are sampled as negatives more often.
+
+class ObjectiveConfig(_Strict):
+    """How the towers are trained (docs/TOOLKIT.md compares them).
+
+    - ``in_batch_softmax`` (default): TFRS Retrieval, in-batch sampled softmax
+      whose negatives are the batch's other positives (plus
+      ``sampling.negatives.extra_candidates``), logits corrected by -log q.
+    - ``matrix_factorization``: the baseline: id embeddings, inner product,
+      squared error on (user, item, y), y = 1 clicked, 0 exposed-not-clicked.
+    - ``pointwise``: binary cross-entropy on cos/temperature, 1 for the
+      positive, 0 for each of its sampled negatives.
+    - ``pairwise_hinge``: max(0, cos(a, b-) + margin - cos(a, b+)).
+    - ``pairwise_logistic``: log(1 + exp(sigma * (cos(a, b-) - cos(a, b+)))).
+    - ``listwise``: softmax cross-entropy over one positive and its N
+      sampled negatives (-log s+), optionally logQ-corrected.
     """
 
-    kind: Literal["in_batch_softmax"] = "in_batch_softmax"
+    kind: ObjectiveKind = "in_batch_softmax"
     # 0.2 measured best (HR@100 0.625 vs 0.534 at 0.05) on ML-100K; GUIDE.md 4.
-    temperature: float = Field(0.2, gt=0.0)
+    temperature: float = Field(0.2, gt=0.0, description="logits = cos / temperature "
+                               "(in_batch_softmax, listwise, pointwise)")
     logq_correction: bool = True
     remove_accidental_hits: bool = True
+    num_hard_negatives: Optional[int] = Field(
+        None, gt=0, description="in_batch_softmax: keep only the k highest-scoring "
+        "negatives per query (TFRS hard-negative mining); None = all")
+    margin: float = Field(0.2, ge=0.0, description="pairwise_hinge margin m")
+    sigma: float = Field(10.0, gt=0.0, description="pairwise_logistic scale")
+    l2_regularization: float = Field(
+        1e-4, ge=0.0, description="matrix_factorization: weight of ||u||^2 + ||v||^2")
+    unobserved_per_row: int = Field(
+        0, ge=0, description="matrix_factorization: uniformly sampled unobserved items "
+        "per row, y = 0 (needed where the data has no exposed-not-clicked rows)")
+    unobserved_weight: float = Field(0.1, gt=0.0, description="weight of those rows")
+
+
+# ----------------------------------------------------------------------- sampling
+class PositiveSampling(_Strict):
+    """Re-balance training positives by item click frequency.
+
+    ``subsample_threshold`` t (word2vec-style): a click on item i is kept with
+    probability min(1, sqrt(t / f_i)), f_i = the item's share of clicks,
+    redrawn every epoch; 0 = off. Items with fewer than ``upsample_below``
+    clicks have their clicks repeated ``upsample_factor`` times.
+    """
+
+    subsample_threshold: float = Field(0.0, ge=0.0)
+    upsample_below: int = Field(0, ge=0)
+    upsample_factor: int = Field(1, ge=1)
+
+
+class NegativeSampling(_Strict):
+    """Where negatives come from (never the user's clicked or exposed items).
+
+    Per-query objectives (pointwise, pairwise_*, listwise) get
+    ``num_negatives`` per positive: a share ``hard_fraction`` hard (from the
+    ranking log, or mined as the model's highest-scoring non-positives among
+    ``mining_pool`` sampled items), the rest easy, drawn from the catalog with
+    p ∝ clicks^alpha. ``in_batch_softmax`` adds ``extra_candidates`` catalog
+    samples per batch (mixed negative sampling), each with its logQ term.
+    """
+
+    num_negatives: int = Field(2, ge=1)
+    alpha: float = Field(0.75, ge=0.0)
+    hard_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    hard_source: Literal["auto", "ranking_log", "mined"] = "auto"
+    mining_pool: int = Field(256, ge=1)
+    extra_candidates: int = Field(0, ge=0)
+    extra_logq: Literal["mixture", "per_source"] = "mixture"
+    mask_user_positives: bool = Field(
+        False, description="in_batch_softmax: the query user's other clicked/exposed "
+        "items in the batch are not negatives")
+
+
+class SamplingConfig(_Strict):
+    positives: PositiveSampling = PositiveSampling()
+    negatives: NegativeSampling = NegativeSampling()
 
 
 # ----------------------------------------------------------------------- training
@@ -194,8 +263,23 @@ class RunConfig(_Strict):
     features: FeaturesConfig
     model: ModelConfig = ModelConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    sampling: SamplingConfig = SamplingConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> "RunConfig":
+        if self.objective.kind == "matrix_factorization":
+            towers = (self.model.query_tower, self.model.candidate_tower)
+            if any(t.l2_normalize for t in towers):
+                raise ValueError("objective.kind=matrix_factorization scores with the plain "
+                                 "inner product: set model.query_tower.l2_normalize and "
+                                 "model.candidate_tower.l2_normalize to false")
+            names = ([f.name for f in self.features.user], [f.name for f in self.features.item])
+            if names != (["user_id"], ["item_id"]):
+                raise ValueError("objective.kind=matrix_factorization is the id-only baseline: "
+                                 "features.user must be [user_id] and features.item [item_id]")
+        return self
 
 
 class ConfigError(ValueError):
