@@ -109,8 +109,32 @@ class TextFeature(_Strict):
     max_length: int = Field(16, gt=0)
 
 
+class HistoryFeature(_Strict):
+    """The user's past clicked items, computed by the trainer -> pooled embedding.
+
+    A user feature only. The trainer builds it from the training clicks (the
+    last ``max_items`` by time, joined with ``separator``) and adds it to the
+    users table, so it reaches the query tower like any multi-valued string
+    feature (and the exported tower takes it as one). No leakage: when the
+    model trains on the positive (user, item), that item is removed from the
+    user's history (``leave_out: target``); at evaluation and serving the
+    history is all of the user's training items. ``dropout`` drops each
+    history item with that probability during training (robustness to the
+    short histories of new users).
+    """
+
+    name: str = "history"
+    type: Literal["history"]
+    embedding_dim: int = Field(32, gt=0)
+    separator: str = "|"
+    max_items: int = Field(200, gt=0)
+    pooling: Literal["mean", "sum"] = "mean"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
 FeatureConfig = Annotated[
-    Union[CategoricalFeature, MultiCategoricalFeature, ContinuousFeature, TextFeature],
+    Union[CategoricalFeature, MultiCategoricalFeature, ContinuousFeature, TextFeature,
+          HistoryFeature],
     Field(discriminator="type"),
 ]
 
@@ -125,6 +149,10 @@ class FeaturesConfig(_Strict):
             names = [f.name for f in getattr(self, side)]
             if len(set(names)) != len(names):
                 raise ValueError(f"features.{side}: duplicate feature names {names}")
+        if any(f.type == "history" for f in self.item):
+            raise ValueError("features.item: a 'history' feature belongs to the user tower")
+        if sum(f.type == "history" for f in self.user) > 1:
+            raise ValueError("features.user: at most one 'history' feature")
         if "item_id" not in [f.name for f in self.item]:
             raise ValueError("features.item must include the 'item_id' feature "
                              "(retrieval returns item ids)")

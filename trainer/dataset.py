@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from trainer.history import HistoryLeaveOut, history_spec
 from trainer.towers import features_of
 
 
@@ -139,6 +140,11 @@ class TrainingData:
                 self.ranking_log = S.RankingLogSampler(
                     *self._ranking_log_rows(ranking_log), len(encoded.user_index))
             self.hard_source = source
+        spec = history_spec(config.features.user)
+        self.history = None
+        if spec is not None:  # training targets leave the user's history
+            self.history = HistoryLeaveOut(spec, encoded.user_features[spec.name],
+                                           np.asarray(encoded.item_index))
         self.labelled = None
         if self.kind == "matrix_factorization":
             lu, li = encoded.rows(labelled if labelled is not None else positives)
@@ -203,13 +209,20 @@ class TrainingData:
         flat = tf.reshape(rows, [-1])
         return {k: tf.gather(v, flat) for k, v in self._item_cols.items()}
 
+    def _users(self, u, i, seed):
+        query = {k: tf.gather(v, u) for k, v in self._user_cols.items()}
+        if self.history is not None:
+            query[self.history.spec.name] = self.history(
+                u, i, seed + tf.constant([0, 5], tf.int64))
+        return query
+
     def _batch(self, u, i, r):
         from trainer import sampling as S
 
         neg = self.config.sampling.negatives
         seed = tf.stack([r, tf.constant(self._seed, tf.int64)])
         out = {
-            "query": {k: tf.gather(v, u) for k, v in self._user_cols.items()},
+            "query": self._users(u, i, seed),
             "candidate": self._items(i),
             "item_prob": tf.gather(self._p, i),
             "item_row": i,  # integer id: accidental-hit checks compare ints, not strings

@@ -103,18 +103,35 @@ class CatalogSampler:
 
 
 class ExclusionSet:
-    """(user row, item row) pairs that are never negatives for that user."""
+    """(user row, item row) pairs that are never negatives for that user.
 
-    def __init__(self, user_rows: np.ndarray, item_rows: np.ndarray, num_items: int):
+    Keys are user * num_items + item. Up to ``dense_limit`` possible keys
+    (ML-100K: 1.6 M) the set is a dense bool table and a lookup is one
+    gather; beyond, sorted keys and a binary search (``tf.searchsorted``).
+    """
+
+    def __init__(self, user_rows: np.ndarray, item_rows: np.ndarray, num_items: int,
+                 dense_limit: int = 1 << 25):
         keys = np.asarray(user_rows, np.int64) * num_items + np.asarray(item_rows, np.int64)
         self.num_items = num_items
-        # A -1 sentinel keeps the table non-empty; no real key is negative.
-        self._keys = tf.constant(np.concatenate([[-1], np.unique(keys)]), tf.int64)
-        self._size = int(self._keys.shape[0])
+        keys = np.unique(keys)
+        size = int(keys.max()) + 1 if len(keys) else 1
+        self._dense = size <= dense_limit
+        if self._dense:
+            table = np.zeros(size + 1, bool)  # last slot: any key beyond the table
+            table[keys] = True
+            self._table = tf.constant(table)
+            self._size = size
+        else:
+            # A -1 sentinel keeps the table non-empty; no real key is negative.
+            self._keys = tf.constant(np.concatenate([[-1], keys]), tf.int64)
+            self._size = int(self._keys.shape[0])
 
     def contains(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
         """bool, the broadcast shape of ``users`` and ``items`` (int64 rows)."""
         key = tf.cast(users, tf.int64) * self.num_items + tf.cast(items, tf.int64)
+        if self._dense:
+            return tf.gather(self._table, tf.minimum(key, self._size))
         flat = tf.reshape(key, [-1])
         pos = tf.minimum(tf.searchsorted(self._keys, flat, out_type=tf.int64),
                          self._size - 1)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from trainer.config import PER_QUERY_OBJECTIVES, RunConfig, dump_config
 from trainer.data import Tables, load_tables
 from trainer.dataset import EncodedTables, TrainingData
+from trainer.history import with_history
 from trainer.evaluation import (EvalSet, embedding_scores, evaluate, popularity_scores,
                                 split_interactions)
 from trainer.model import TwoTowerModel
@@ -128,6 +129,8 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
         cut = int(len(train_pos) * (1 - tc.validation_fraction))
         train_pos, val_pos = train_pos.iloc[idx[:cut]], train_pos.iloc[idx[cut:]]
 
+    # A configured history feature is computed from the training clicks only.
+    tables = with_history(tables, train_pos, config.features.user)
     encoded = EncodedTables.build(tables.users, tables.items, config.features.user,
                                   config.features.item)
     # Negatives are never one of the user's training interactions, clicked or
