@@ -170,3 +170,24 @@ def test_every_objective_trains_and_exports(kind, extra, tmp_path):
     else:
         assert spec["l2_normalized"] is True
         np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
+
+
+def test_variant_overlays_validate_on_both_base_configs():
+    from pathlib import Path
+
+    from trainer.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    variants = sorted((root / "variants").glob("*.yaml"))
+    assert len(variants) >= 12
+    kinds = set()
+    for v in variants:
+        for base in ("ml100k.yaml", "synthetic.yaml"):
+            kinds.add(load_config(root / base, [v]).objective.kind)
+    assert kinds == {"in_batch_softmax", "matrix_factorization", "pointwise",
+                     "pairwise_hinge", "pairwise_logistic", "listwise"}
+
+
+def test_matrix_factorization_needs_plain_id_towers():
+    with pytest.raises(Exception, match="l2_normalize"):
+        config(objective={"kind": "matrix_factorization"})

@@ -6,7 +6,7 @@ file, so a typo in a config never turns into a silent default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -325,9 +325,24 @@ def parse_config(raw: dict, source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config; relative data paths resolve against it."""
+def load_config(path: str | Path, overrides: Sequence[str | Path] = ()) -> RunConfig:
+    """Read and validate a YAML config; relative data paths resolve against it.
+
+    Each file in ``overrides`` (e.g. ``configs/variants/listwise.yaml``) is a
+    partial config deep-merged over it in order: mappings merge key by key,
+    lists and scalars replace.
+    """
     path = Path(path)
+    raw = _read_yaml(path)
+    sources = [str(path)]
+    for extra in overrides:
+        raw = deep_merge(raw, _read_yaml(Path(extra)))
+        sources.append(str(extra))
+    config = parse_config(raw, " + ".join(sources))
+    return _resolve_paths(config, path.parent)
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -336,8 +351,18 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    config = parse_config(raw, str(path))
-    return _resolve_paths(config, path.parent)
+    return raw
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: dicts recursively, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:

@@ -230,7 +230,10 @@ class TrainingData:
         if self.kind == "in_batch_softmax":
             b = tf.shape(u)[0]
             masks = []
-            if neg.mask_user_positives:
+            # With a history feature the mask is always on: the user's other
+            # items are in its history but never its left-out target, so as
+            # in-batch negatives they would teach "in my history -> dislike".
+            if neg.mask_user_positives or self.history is not None:
                 own = self.exclusion.contains(u[:, None], i[None, :])
                 masks.append(tf.logical_or(tf.logical_not(own), tf.cast(tf.eye(b), tf.bool)))
             if neg.extra_candidates:
