@@ -52,7 +52,7 @@ VARIANTS = ROOT / "configs" / "variants"
 ORDER = ["matrix_factorization", "in_batch_softmax", "pointwise", "pointwise_n3",
          "pairwise_hinge", "pairwise_logistic", "listwise", "listwise_hard_mix",
          "in_batch_hard_mined", "mixed_negatives", "subsample_hot", "upsample_cold",
-         "history", "history_mixed_negatives"]
+         "history", "in_batch_tuned", "ensemble"]
 DATASETS = {"ml100k": ROOT / "configs" / "ml100k.yaml",
             "synthetic": ROOT / "configs" / "synthetic.yaml"}
 COLUMNS = ([f"hr@{k}" for k in KS] + [f"recall@{k}" for k in KS] + [f"ndcg@{k}" for k in KS]

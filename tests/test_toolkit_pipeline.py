@@ -139,7 +139,8 @@ def test_history_requires_the_user_tower():
     ("pointwise", {"sampling": {"negatives": {"hard_fraction": 0.5, "hard_source": "mined",
                                               "mining_pool": 32}}}),
     ("pairwise_hinge", {"sampling": {"negatives": {"hard_fraction": 0.5}}}),
-    ("pairwise_logistic", {}),
+    ("pairwise_logistic", {"model": {"query_tower": {"output_dim": 4, "members": 2},
+                                     "candidate_tower": {"output_dim": 4, "members": 2}}}),
     ("listwise", {"sampling": {"positives": {"subsample_threshold": 0.01,
                                              "upsample_below": 3, "upsample_factor": 2}}}),
     ("in_batch_softmax", {"objective": {"num_hard_negatives": 20},
@@ -163,7 +164,7 @@ def test_every_objective_trains_and_exports(kind, extra, tmp_path):
         **{f["name"]: tf.constant(users[f["name"]].astype(str).to_numpy())
            for f in spec["query"]})["embedding"].numpy()
     c = cand.signatures["serving_default"](item_id=tf.constant(["i0", "i1"]))["embedding"]
-    assert q.shape == (3, 8) and c.shape == (2, 8)
+    assert spec["embedding_dim"] == 8 and q.shape == (3, 8) and c.shape == (2, 8)
     norms = np.linalg.norm(q, axis=1)
     if kind == "matrix_factorization":
         assert spec["l2_normalized"] is False and not np.allclose(norms, 1.0)
@@ -191,3 +192,27 @@ def test_variant_overlays_validate_on_both_base_configs():
 def test_matrix_factorization_needs_plain_id_towers():
     with pytest.raises(Exception, match="l2_normalize"):
         config(objective={"kind": "matrix_factorization"})
+
+
+def test_ensemble_members_each_get_their_own_loss():
+    from trainer.config import CategoricalFeature, TowerConfig
+    from trainer.model import TwoTowerModel
+    from trainer.objectives import InBatchSoftmax
+    from trainer.towers import Tower
+
+    specs = [CategoricalFeature(name="item_id", type="categorical", embedding_dim=4)]
+    tower = Tower(specs, TowerConfig(output_dim=3, members=2))
+    tower.adapt(pd.DataFrame({"item_id": ["a", "b", "c"]}), "items")
+    out = tower({"item_id": tf.constant(["a", "b"])}).numpy()
+    assert out.shape == (2, 6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out[:, :3], axis=1), 0.5 ** 0.5, rtol=1e-5)
+    obj = InBatchSoftmax(0.5, logq_correction=False, remove_accidental_hits=False)
+    model = TwoTowerModel(tower, tower, obj)
+    batch = {"query": {"item_id": tf.constant(["a", "b", "c"])},
+             "candidate": {"item_id": tf.constant(["b", "c", "a"])}}
+    q = tower(batch["query"]).numpy() * 2 ** 0.5
+    c = tower(batch["candidate"]).numpy() * 2 ** 0.5
+    want = sum(float(obj(tf.constant(q[:, m * 3:(m + 1) * 3]),
+                         tf.constant(c[:, m * 3:(m + 1) * 3]), {})) for m in range(2))
+    np.testing.assert_allclose(float(model.compute_loss(batch)), want, rtol=1e-5)

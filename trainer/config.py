@@ -165,6 +165,12 @@ class TowerConfig(_Strict):
     output_dim: int = Field(64, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     l2_normalize: bool = True
+    # An ensemble inside one tower: ``members`` independent towers (own
+    # encoders and layers), each trained with its own loss; the output is
+    # their embeddings concatenated and scaled by 1/sqrt(members), so the
+    # exported dot product is the members' mean score. Embedding size:
+    # members * output_dim.
+    members: int = Field(1, ge=1)
 
 
 class ModelConfig(_Strict):
@@ -297,6 +303,10 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _objective_fits(self) -> "RunConfig":
+        q, c = self.model.query_tower, self.model.candidate_tower
+        if q.members * q.output_dim != c.members * c.output_dim or q.members != c.members:
+            raise ValueError("model.query_tower and model.candidate_tower need the same "
+                             "output_dim and members (their dot product is the score)")
         if self.objective.kind == "matrix_factorization":
             towers = (self.model.query_tower, self.model.candidate_tower)
             if any(t.l2_normalize for t in towers):

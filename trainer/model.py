@@ -24,6 +24,20 @@ class TwoTowerModel(tfrs.Model):
         self.candidate_tower = candidate_tower
         self.objective = objective
         self.num_mined = num_mined
+        self.num_members = query_tower.tower_config.members
+
+    def _per_member(self, loss_fn, *embeddings):
+        """Sum of ``loss_fn`` over the ensemble members' slices of each embedding.
+
+        A member's slice is rescaled by sqrt(members) to undo the tower's
+        1/sqrt(members), so each member trains on its own (unit) vectors.
+        """
+        k = self.num_members
+        if k == 1:
+            return loss_fn(*embeddings)
+        parts = [tf.split(e, k, axis=-1) for e in embeddings]
+        scale = float(k) ** 0.5
+        return tf.add_n([loss_fn(*[p[m] * scale for p in parts]) for m in range(k)])
 
     def compute_loss(self, batch, training=False) -> tf.Tensor:
         query = self.query_tower(batch["query"], training=training)
@@ -33,9 +47,11 @@ class TwoTowerModel(tfrs.Model):
             if "extra" in batch:  # mixed negative sampling: catalog draws after the batch
                 extra = self.candidate_tower(batch["extra"], training=training)
                 candidate = tf.concat([candidate, extra], axis=0)
-            return self.objective(query, candidate, batch, training=training)
+            return self._per_member(
+                lambda q, c: self.objective(q, c, batch, training=training), query, candidate)
         if inputs == "labelled":
-            return self.objective(query, candidate, batch, training=training)
+            return self._per_member(
+                lambda q, c: self.objective(q, c, batch, training=training), query, candidate)
         # per-query: sampled negatives [B, N_s, d] (+ mined ones [B, k, d])
         b, d = tf.shape(query)[0], tf.shape(query)[1]
         negs, valid, logq = [], [], []
@@ -51,4 +67,6 @@ class TwoTowerModel(tfrs.Model):
             valid.append(tf.cast(ok, tf.float32))
             logq.append(tf.zeros_like(valid[-1]))  # hard: no known proposal, no logQ
         batch = dict(batch, neg_valid=tf.concat(valid, 1), neg_logq=tf.concat(logq, 1))
-        return self.objective(query, candidate, tf.concat(negs, 1), batch, training=training)
+        return self._per_member(
+            lambda q, c, n: self.objective(q, c, n, batch, training=training),
+            query, candidate, tf.concat(negs, 1))

@@ -54,7 +54,7 @@ def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos: p
                        metrics: dict, history: dict) -> None:
     save_tower(model.query_tower, out / "towers" / "query")
     save_tower(model.candidate_tower, out / "towers" / "candidate")
-    dim = config.model.candidate_tower.output_dim
+    dim = model.candidate_tower.embedding_dim
     (out / "feature_spec.json").write_text(json.dumps(feature_spec(config, dim), indent=2))
     item_cols = [s.name for s in config.features.item]
     user_cols = ["user_id"] + [s.name for s in config.features.user if s.name != "user_id"]
