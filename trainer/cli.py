@@ -14,6 +14,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, required=True,
                    help="YAML run config, e.g. configs/synthetic.yaml (the embedded "
                         "synthetic data set) or configs/ml100k.yaml")
+    p.add_argument("--override", type=Path, action="append", default=[],
+                   help="partial YAML config merged over --config (repeatable), e.g. "
+                        "configs/variants/listwise.yaml (docs/TOOLKIT.md)")
     p.add_argument("--output", type=Path, required=True,
                    help="run directory to write (re-running resumes an interrupted run)")
     p.add_argument("--data-path", default=None,
@@ -29,7 +32,7 @@ def main(argv=None) -> int:
     from trainer.data import DataError
 
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, args.override)
         if args.data_path:
             if not hasattr(config.data, "path"):
                 raise ConfigError(f"--data-path given but data.kind={config.data.kind} has "

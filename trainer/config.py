@@ -6,7 +6,7 @@ file, so a typo in a config never turns into a silent default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -109,8 +109,32 @@ class TextFeature(_Strict):
     max_length: int = Field(16, gt=0)
 
 
+class HistoryFeature(_Strict):
+    """The user's past clicked items, computed by the trainer -> pooled embedding.
+
+    A user feature only. The trainer builds it from the training clicks (the
+    last ``max_items`` by time, joined with ``separator``) and adds it to the
+    users table, so it reaches the query tower like any multi-valued string
+    feature (and the exported tower takes it as one). No leakage: when the
+    model trains on the positive (user, item), that item is removed from the
+    user's history (``leave_out: target``); at evaluation and serving the
+    history is all of the user's training items. ``dropout`` drops each
+    history item with that probability during training (robustness to the
+    short histories of new users).
+    """
+
+    name: str = "history"
+    type: Literal["history"]
+    embedding_dim: int = Field(32, gt=0)
+    separator: str = "|"
+    max_items: int = Field(200, gt=0)
+    pooling: Literal["mean", "sum"] = "mean"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
 FeatureConfig = Annotated[
-    Union[CategoricalFeature, MultiCategoricalFeature, ContinuousFeature, TextFeature],
+    Union[CategoricalFeature, MultiCategoricalFeature, ContinuousFeature, TextFeature,
+          HistoryFeature],
     Field(discriminator="type"),
 ]
 
@@ -125,6 +149,10 @@ class FeaturesConfig(_Strict):
             names = [f.name for f in getattr(self, side)]
             if len(set(names)) != len(names):
                 raise ValueError(f"features.{side}: duplicate feature names {names}")
+        if any(f.type == "history" for f in self.item):
+            raise ValueError("features.item: a 'history' feature belongs to the user tower")
+        if sum(f.type == "history" for f in self.user) > 1:
+            raise ValueError("features.user: at most one 'history' feature")
         if "item_id" not in [f.name for f in self.item]:
             raise ValueError("features.item must include the 'item_id' feature "
                              "(retrieval returns item ids)")
@@ -137,6 +165,12 @@ class TowerConfig(_Strict):
     output_dim: int = Field(64, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     l2_normalize: bool = True
+    # An ensemble inside one tower: ``members`` independent towers (own
+    # encoders and layers), each trained with its own loss; the output is
+    # their embeddings concatenated and scaled by 1/sqrt(members), so the
+    # exported dot product is the members' mean score. Embedding size:
+    # members * output_dim.
+    members: int = Field(1, ge=1)
 
 
 class ModelConfig(_Strict):
@@ -145,19 +179,88 @@ class ModelConfig(_Strict):
 
 
 # ---------------------------------------------------------------------- objective
-class ObjectiveConfig(_Strict):
-    """How the towers are trained.
+ObjectiveKind = Literal["in_batch_softmax", "matrix_factorization", "pointwise",
+                        "pairwise_hinge", "pairwise_logistic", "listwise"]
+# Objectives that train on explicitly sampled negatives per positive [B, N].
+PER_QUERY_OBJECTIVES = ("pointwise", "pairwise_hinge", "pairwise_logistic", "listwise")
 
-    ``in_batch_softmax`` is TFRS Retrieval: in-batch sampled softmax whose
-    negatives are the batch's other positives, corrected by log(p_item)
-    (logQ) because popular items are sampled as negatives more often.
+
+class ObjectiveConfig(_Strict):
+    """How the towers are trained (docs/TOOLKIT.md compares them).
+
+    - ``in_batch_softmax`` (default): TFRS Retrieval, in-batch sampled softmax
+      whose negatives are the batch's other positives (plus
+      ``sampling.negatives.extra_candidates``), logits corrected by -log q.
+    - ``matrix_factorization``: the baseline: id embeddings, inner product,
+      squared error on (user, item, y), y = 1 clicked, 0 exposed-not-clicked.
+    - ``pointwise``: binary cross-entropy on cos/temperature, 1 for the
+      positive, 0 for each of its sampled negatives.
+    - ``pairwise_hinge``: max(0, cos(a, b-) + margin - cos(a, b+)).
+    - ``pairwise_logistic``: log(1 + exp(sigma * (cos(a, b-) - cos(a, b+)))).
+    - ``listwise``: softmax cross-entropy over one positive and its N
+      sampled negatives (-log s+), optionally logQ-corrected.
     """
 
-    kind: Literal["in_batch_softmax"] = "in_batch_softmax"
+    kind: ObjectiveKind = "in_batch_softmax"
     # 0.2 measured best (HR@100 0.625 vs 0.534 at 0.05) on ML-100K; GUIDE.md 4.
-    temperature: float = Field(0.2, gt=0.0)
+    temperature: float = Field(0.2, gt=0.0, description="logits = cos / temperature "
+                               "(in_batch_softmax, listwise, pointwise)")
     logq_correction: bool = True
     remove_accidental_hits: bool = True
+    num_hard_negatives: Optional[int] = Field(
+        None, gt=0, description="in_batch_softmax: keep only the k highest-scoring "
+        "negatives per query (TFRS hard-negative mining); None = all")
+    margin: float = Field(0.2, ge=0.0, description="pairwise_hinge margin m")
+    sigma: float = Field(10.0, gt=0.0, description="pairwise_logistic scale")
+    l2_regularization: float = Field(
+        1e-4, ge=0.0, description="matrix_factorization: weight of ||u||^2 + ||v||^2")
+    unobserved_per_row: int = Field(
+        0, ge=0, description="matrix_factorization: uniformly sampled unobserved items "
+        "per row, y = 0 (needed where the data has no exposed-not-clicked rows)")
+    unobserved_weight: float = Field(0.1, gt=0.0, description="weight of those rows")
+
+
+# ----------------------------------------------------------------------- sampling
+class PositiveSampling(_Strict):
+    """Re-balance training positives by item click frequency.
+
+    ``subsample_threshold`` t (word2vec-style): a click on item i is kept with
+    probability min(1, sqrt(t / f_i)), f_i = the item's share of clicks,
+    redrawn every epoch; 0 = off. Items with fewer than ``upsample_below``
+    clicks have their clicks repeated ``upsample_factor`` times.
+    """
+
+    subsample_threshold: float = Field(0.0, ge=0.0)
+    upsample_below: int = Field(0, ge=0)
+    upsample_factor: int = Field(1, ge=1)
+
+
+class NegativeSampling(_Strict):
+    """Where negatives come from (never the user's clicked or exposed items).
+
+    Per-query objectives (pointwise, pairwise_*, listwise) get
+    ``num_negatives`` per positive: a share ``hard_fraction`` hard (from the
+    ranking log, or mined as the model's highest-scoring non-positives among
+    ``mining_pool`` sampled items), the rest easy, drawn from the catalog with
+    p ∝ clicks^alpha. ``in_batch_softmax`` adds ``extra_candidates`` catalog
+    samples per batch (mixed negative sampling), each with its logQ term.
+    """
+
+    num_negatives: int = Field(2, ge=1)
+    alpha: float = Field(0.75, ge=0.0)
+    hard_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    hard_source: Literal["auto", "ranking_log", "mined"] = "auto"
+    mining_pool: int = Field(256, ge=1)
+    extra_candidates: int = Field(0, ge=0)
+    extra_logq: Literal["mixture", "per_source"] = "mixture"
+    mask_user_positives: bool = Field(
+        False, description="in_batch_softmax: the query user's other clicked/exposed "
+        "items in the batch are not negatives")
+
+
+class SamplingConfig(_Strict):
+    positives: PositiveSampling = PositiveSampling()
+    negatives: NegativeSampling = NegativeSampling()
 
 
 # ----------------------------------------------------------------------- training
@@ -194,8 +297,27 @@ class RunConfig(_Strict):
     features: FeaturesConfig
     model: ModelConfig = ModelConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    sampling: SamplingConfig = SamplingConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> "RunConfig":
+        q, c = self.model.query_tower, self.model.candidate_tower
+        if q.members * q.output_dim != c.members * c.output_dim or q.members != c.members:
+            raise ValueError("model.query_tower and model.candidate_tower need the same "
+                             "output_dim and members (their dot product is the score)")
+        if self.objective.kind == "matrix_factorization":
+            towers = (self.model.query_tower, self.model.candidate_tower)
+            if any(t.l2_normalize for t in towers):
+                raise ValueError("objective.kind=matrix_factorization scores with the plain "
+                                 "inner product: set model.query_tower.l2_normalize and "
+                                 "model.candidate_tower.l2_normalize to false")
+            names = ([f.name for f in self.features.user], [f.name for f in self.features.item])
+            if names != (["user_id"], ["item_id"]):
+                raise ValueError("objective.kind=matrix_factorization is the id-only baseline: "
+                                 "features.user must be [user_id] and features.item [item_id]")
+        return self
 
 
 class ConfigError(ValueError):
@@ -213,9 +335,24 @@ def parse_config(raw: dict, source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config; relative data paths resolve against it."""
+def load_config(path: str | Path, overrides: Sequence[str | Path] = ()) -> RunConfig:
+    """Read and validate a YAML config; relative data paths resolve against it.
+
+    Each file in ``overrides`` (e.g. ``configs/variants/listwise.yaml``) is a
+    partial config deep-merged over it in order: mappings merge key by key,
+    lists and scalars replace.
+    """
     path = Path(path)
+    raw = _read_yaml(path)
+    sources = [str(path)]
+    for extra in overrides:
+        raw = deep_merge(raw, _read_yaml(Path(extra)))
+        sources.append(str(extra))
+    config = parse_config(raw, " + ".join(sources))
+    return _resolve_paths(config, path.parent)
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -224,8 +361,18 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    config = parse_config(raw, str(path))
-    return _resolve_paths(config, path.parent)
+    return raw
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: dicts recursively, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from trainer.history import HistoryLeaveOut, history_spec
 from trainer.towers import features_of
 
 
@@ -70,3 +71,231 @@ def positives_dataset(tables: EncodedTables, user_rows: np.ndarray, item_rows: n
         ds = ds.shuffle(len(user_rows), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size, drop_remainder=False).map(
         gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------ the toolkit
+class TrainingData:
+    """The tf.data pipeline each objective trains on (docs/TOOLKIT.md).
+
+    Inputs are the retrieval positives (clicked rows only), all training
+    interactions of the users (clicked or exposed-not-clicked: the exclusion
+    set, never negatives) and an optional ranking log. Batches always hold
+    ``query``, ``candidate``, ``item_prob`` [B] (the logQ term of in-batch
+    negatives) and ``item_row`` [B]; then, by objective:
+
+    - in_batch_softmax: with ``extra_candidates`` E > 0, ``extra`` (item
+      features [E]), ``candidate_row`` / ``candidate_prob`` [B + E] and a
+      ``score_mask`` [B, B + E] that removes the users' own items from the
+      extras (and, with ``mask_user_positives``, from the in-batch ones);
+    - per-query objectives: ``negatives`` (item features [B * N_s]),
+      ``neg_row`` / ``neg_valid`` / ``neg_logq`` [B, N_s]; for mined hard
+      negatives ``pool`` (features of [P] catalog draws) and
+      ``pool_excluded`` [B, P] - the model picks the hardest in-graph;
+    - matrix_factorization: every training row (clicked -> 1, exposed -> 0)
+      plus ``unobserved_per_row`` uniform draws per row (label 0), as
+      ``label`` / ``weight`` [B'].
+
+    All sampling is TensorFlow ops seeded from ``tf.data.Dataset.random``, so
+    a fixed seed gives the same batches.
+    """
+
+    def __init__(self, encoded: "EncodedTables", positives: pd.DataFrame,
+                 interactions: pd.DataFrame, config, ranking_log: pd.DataFrame | None = None,
+                 labelled: pd.DataFrame | None = None):
+        from trainer import sampling as S
+        from trainer.config import PER_QUERY_OBJECTIVES
+
+        self.encoded = encoded
+        self.config = config
+        self.kind = config.objective.kind
+        self.per_query = self.kind in PER_QUERY_OBJECTIVES
+        neg, pos_cfg = config.sampling.negatives, config.sampling.positives
+        num_items = len(encoded.item_index)
+        u, i = encoded.rows(positives)
+        counts = S.item_counts(i, num_items)
+        self.keep = S.subsample_keep_probability(counts, pos_cfg.subsample_threshold)
+        self.user_rows, self.item_rows = S.upsample_cold(
+            u, i, counts, pos_cfg.upsample_below, pos_cfg.upsample_factor)
+        self.item_prob = S.effective_item_probability(
+            S.item_counts(self.item_rows, num_items), self.keep)
+        self.catalog = S.CatalogSampler(counts, neg.alpha)
+        eu, ei = encoded.rows(interactions)
+        self.exclusion = S.ExclusionSet(np.concatenate([u, eu]), np.concatenate([i, ei]),
+                                        num_items)
+        self.exclusion_keys = np.unique(np.concatenate([u, eu]) * num_items
+                                        + np.concatenate([i, ei]))
+        # Hard negatives: how many, and from where.
+        self.num_hard = int(round(neg.hard_fraction * neg.num_negatives)) if self.per_query else 0
+        self.num_easy = neg.num_negatives - self.num_hard if self.per_query else 0
+        self.hard_source = None
+        self.ranking_log = None
+        if self.num_hard:
+            source = neg.hard_source
+            if source == "auto":
+                source = "ranking_log" if ranking_log is not None and len(ranking_log) else "mined"
+            if source == "ranking_log":
+                if ranking_log is None or not len(ranking_log):
+                    raise ValueError("sampling.negatives.hard_source=ranking_log but the data "
+                                     "has no ranking log (use 'mined' or 'auto')")
+                self.ranking_log = S.RankingLogSampler(
+                    *self._ranking_log_rows(ranking_log), len(encoded.user_index))
+            self.hard_source = source
+        spec = history_spec(config.features.user)
+        self.history = None
+        if spec is not None:  # training targets leave the user's history
+            self.history = HistoryLeaveOut(spec, encoded.user_features[spec.name],
+                                           np.asarray(encoded.item_index))
+        self.labelled = None
+        if self.kind == "matrix_factorization":
+            lu, li = encoded.rows(labelled if labelled is not None else positives)
+            y = (labelled["clicked"].to_numpy() if labelled is not None
+                 else np.ones(len(lu))).astype(np.float32)
+            self.labelled = (lu, li, y)
+            self.uniform = S.CatalogSampler(np.ones(num_items), 0.0)
+
+    @property
+    def num_mined(self) -> int:
+        return self.num_hard if self.hard_source == "mined" else 0
+
+    def _ranking_log_rows(self, ranking_log: pd.DataFrame):
+        """Ranking-log pairs as rows; unknown ids and the user's own items dropped."""
+        u = self.encoded.user_index.get_indexer(ranking_log["user_id"].astype(str))
+        i = self.encoded.item_index.get_indexer(ranking_log["item_id"].astype(str))
+        ok = (u >= 0) & (i >= 0)
+        u, i = u[ok].astype(np.int64), i[ok].astype(np.int64)
+        keys = u * len(self.encoded.item_index) + i
+        ok = ~np.isin(keys, self.exclusion_keys)
+        return u[ok], i[ok]
+
+    # ---------------------------------------------------------------- pipeline
+    def dataset(self, batch_size: int, seed: int, shuffle: bool = True) -> tf.data.Dataset:
+        from trainer import sampling as S
+
+        t = self.encoded
+        self._user_cols = {k: tf.constant(v) for k, v in t.user_features.items()}
+        self._item_cols = {k: tf.constant(v) for k, v in t.item_features.items()}
+        self._p = tf.constant(self.item_prob)
+        self._q = tf.constant(self.catalog.prob.astype(np.float32))
+        self._seed = seed
+        if self.labelled is not None:
+            lu, li, y = self.labelled
+            ds = tf.data.Dataset.from_tensor_slices((lu, li, y))
+            if shuffle:
+                ds = ds.shuffle(len(lu), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.batch(batch_size)
+            ds = tf.data.Dataset.zip((ds, self._seeds(seed + 1)))
+            ds = ds.map(lambda b, r: self._labelled_batch(*b, r),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+            return ds.prefetch(tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.from_tensor_slices((self.user_rows, self.item_rows))
+        if shuffle:
+            ds = ds.shuffle(len(self.user_rows), seed=seed, reshuffle_each_iteration=True)
+        if (self.keep < 1).any():
+            keep = tf.constant(self.keep)
+            ds = tf.data.Dataset.zip((ds, self._seeds(seed + 2)))
+            ds = ds.filter(lambda ui, r: S.stateless_unit(r, seed) < tf.gather(keep, ui[1]))
+            ds = ds.map(lambda ui, r: ui)
+        ds = ds.batch(batch_size)
+        ds = tf.data.Dataset.zip((ds, self._seeds(seed + 1)))
+        ds = ds.map(lambda ui, r: self._batch(ui[0], ui[1], r),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    @staticmethod
+    def _seeds(seed: int) -> tf.data.Dataset:
+        return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+
+    def _items(self, rows):
+        flat = tf.reshape(rows, [-1])
+        return {k: tf.gather(v, flat) for k, v in self._item_cols.items()}
+
+    def _users(self, u, i, seed):
+        query = {k: tf.gather(v, u) for k, v in self._user_cols.items()}
+        if self.history is not None:
+            query[self.history.spec.name] = self.history(
+                u, i, seed + tf.constant([0, 5], tf.int64))
+        return query
+
+    def _batch(self, u, i, r):
+        from trainer import sampling as S
+
+        neg = self.config.sampling.negatives
+        seed = tf.stack([r, tf.constant(self._seed, tf.int64)])
+        out = {
+            "query": self._users(u, i, seed),
+            "candidate": self._items(i),
+            "item_prob": tf.gather(self._p, i),
+            "item_row": i,  # integer id: accidental-hit checks compare ints, not strings
+        }
+        if self.kind == "in_batch_softmax":
+            b = tf.shape(u)[0]
+            masks = []
+            # With a history feature the mask is always on: the user's other
+            # items are in its history but never its left-out target, so as
+            # in-batch negatives they would teach "in my history -> dislike".
+            if neg.mask_user_positives or self.history is not None:
+                own = self.exclusion.contains(u[:, None], i[None, :])
+                masks.append(tf.logical_or(tf.logical_not(own), tf.cast(tf.eye(b), tf.bool)))
+            if neg.extra_candidates:
+                extra = self.catalog.sample([neg.extra_candidates], seed)
+                out["extra"] = self._items(extra)
+                out["candidate_row"] = tf.concat([i, extra], 0)
+                out["candidate_prob"] = S.mixed_candidate_probability(
+                    tf.gather(self._p, i), tf.gather(self._q, i),
+                    tf.gather(self._p, extra), tf.gather(self._q, extra), neg.extra_logq)
+                if not masks:
+                    masks.append(tf.ones([b, b], tf.bool))
+                masks.append(tf.logical_not(self.exclusion.contains(u[:, None],
+                                                                    extra[None, :])))
+            if masks:
+                out["score_mask"] = tf.concat(masks, axis=1)
+            return out
+        # per-query objectives: N_s sampled negatives (+ mined ones in the model)
+        rows, valid, logq = [], [], []
+        if self.num_easy:
+            r_e, v_e = S.sample_excluding(self.catalog, self.exclusion, u, self.num_easy,
+                                          seed + tf.constant([0, 1], tf.int64))
+            rows.append(r_e)
+            valid.append(v_e)
+            logq.append(tf.math.log(self.num_easy * tf.gather(self._q, r_e)))
+        if self.hard_source == "ranking_log":
+            r_h, has = self.ranking_log.sample(u, self.num_hard,
+                                               seed + tf.constant([0, 2], tf.int64))
+            # Users without a logged item fall back to easy catalog draws.
+            r_f, v_f = S.sample_excluding(self.catalog, self.exclusion, u, self.num_hard,
+                                          seed + tf.constant([0, 3], tf.int64))
+            rows.append(tf.where(has, r_h, r_f))
+            valid.append(tf.logical_or(has, v_f))
+            logq.append(tf.where(has, 0.0, tf.math.log(self.num_hard * tf.gather(self._q, r_f))))
+        elif self.hard_source == "mined":
+            pool = self.catalog.sample([neg.mining_pool], seed + tf.constant([0, 4], tf.int64))
+            out["pool"] = self._items(pool)
+            out["pool_excluded"] = self.exclusion.contains(u[:, None], pool[None, :])
+        if rows:
+            r_all = tf.concat(rows, 1)
+            out["negatives"] = self._items(r_all)
+            out["neg_row"] = r_all
+            out["neg_valid"] = tf.concat(valid, 1)
+            out["neg_logq"] = tf.concat(logq, 1)
+        return out
+
+    def _labelled_batch(self, u, i, y, r):
+        from trainer import sampling as S
+
+        k = self.config.objective.unobserved_per_row
+        w = tf.ones_like(y)
+        if k:
+            seed = tf.stack([r, tf.constant(self._seed, tf.int64)])
+            neg, valid = S.sample_excluding(self.uniform, self.exclusion, u, k, seed)
+            u = tf.concat([u, tf.repeat(u, k)], 0)
+            i = tf.concat([i, tf.reshape(neg, [-1])], 0)
+            y = tf.concat([y, tf.zeros(tf.shape(neg)[0] * k)], 0)
+            w = tf.concat([w, self.config.objective.unobserved_weight
+                           * tf.cast(tf.reshape(valid, [-1]), tf.float32)], 0)
+        return {
+            "query": {k_: tf.gather(v, u) for k_, v in self._user_cols.items()},
+            "candidate": self._items(i),
+            "item_row": i,
+            "label": y,
+            "weight": w,
+        }

@@ -12,12 +12,13 @@ import pandas as pd
 import tensorflow as tf
 
 from trainer.config import (CategoricalFeature, ContinuousFeature, FeatureConfig,
-                            MultiCategoricalFeature, TextFeature)
+                            HistoryFeature, MultiCategoricalFeature, TextFeature)
 
 # Raw dtype each feature kind takes at the tower's input.
 RAW_DTYPES = {
     "categorical": tf.string,
     "multi_categorical": tf.string,
+    "history": tf.string,  # item ids joined by the separator, like multi_categorical
     "text": tf.string,
     "continuous": tf.float32,
 }
@@ -202,6 +203,9 @@ def make_encoder(spec: FeatureConfig) -> tf.keras.layers.Layer:
         return MultiCategoricalEncoder(spec.embedding_dim, spec.separator,
                                        spec.num_oov_buckets, spec.max_tokens, spec.pooling,
                                        name=name)
+    if isinstance(spec, HistoryFeature):
+        return MultiCategoricalEncoder(spec.embedding_dim, spec.separator, 1, None,
+                                       spec.pooling, name=name)
     if isinstance(spec, ContinuousFeature):
         return ContinuousEncoder(spec.normalize, spec.log1p, spec.buckets,
                                  spec.embedding_dim, name=name)

@@ -33,8 +33,10 @@ def feature_spec(config: RunConfig, embedding_dim: int) -> dict:
     def describe(specs):
         out = []
         for s in specs:
-            d = {"name": s.name, "kind": s.type, "dtype": RAW_DTYPES[s.type].name}
-            if s.type == "multi_categorical":
+            # A history is a multi-valued string to everything downstream.
+            kind = "multi_categorical" if s.type == "history" else s.type
+            d = {"name": s.name, "kind": kind, "dtype": RAW_DTYPES[s.type].name}
+            if kind == "multi_categorical":
                 d["separator"] = s.separator
             out.append(d)
         return out
@@ -42,6 +44,9 @@ def feature_spec(config: RunConfig, embedding_dim: int) -> dict:
     return {"query": describe(config.features.user),
             "candidate": describe(config.features.item),
             "embedding_dim": embedding_dim,
+            # false for the matrix-factorization baseline: inner products, not cosines
+            "l2_normalized": bool(config.model.query_tower.l2_normalize
+                                  and config.model.candidate_tower.l2_normalize),
             "user_id_feature": "user_id", "item_id_feature": "item_id"}
 
 
@@ -49,7 +54,7 @@ def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos: p
                        metrics: dict, history: dict) -> None:
     save_tower(model.query_tower, out / "towers" / "query")
     save_tower(model.candidate_tower, out / "towers" / "candidate")
-    dim = config.model.candidate_tower.output_dim
+    dim = model.candidate_tower.embedding_dim
     (out / "feature_spec.json").write_text(json.dumps(feature_spec(config, dim), indent=2))
     item_cols = [s.name for s in config.features.item]
     user_cols = ["user_id"] + [s.name for s in config.features.user if s.name != "user_id"]

@@ -21,6 +21,12 @@ class Tower(tf.keras.Model):
         super().__init__(**kwargs)
         self.specs = list(specs)
         self.tower_config = config
+        # members > 1: an ensemble of independent towers, concatenated (see TowerConfig).
+        self.members = [Tower(specs, config.model_copy(update={"members": 1}),
+                              name=f"member_{m}") for m in range(config.members)] \
+            if config.members > 1 else []
+        if self.members:
+            return
         self.encoders = {s.name: make_encoder(s) for s in self.specs}
         self.hidden = [tf.keras.layers.Dense(u, activation="relu") for u in config.hidden_units]
         self.dropout = (tf.keras.layers.Dropout(config.dropout) if config.dropout else None)
@@ -34,10 +40,22 @@ class Tower(tf.keras.Model):
 
     def adapt(self, table: pd.DataFrame, table_name: str) -> None:
         """Fit vocabularies / statistics of every encoder on ``table``."""
+        for member in self.members:
+            member.adapt(table, table_name)
+        if self.members:
+            return
         for spec in self.specs:
             self.encoders[spec.name].adapt(raw_column(table, spec, table_name))
 
+    @property
+    def embedding_dim(self) -> int:
+        return self.tower_config.output_dim * self.tower_config.members
+
     def call(self, features, training=False):
+        if self.members:
+            scale = 1.0 / float(len(self.members)) ** 0.5
+            return tf.concat([m(features, training=training) for m in self.members],
+                             axis=-1) * scale
         parts = [self.encoders[s.name](features[s.name]) for s in self.specs]
         x = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
         for layer in self.hidden:
@@ -68,5 +86,5 @@ def embed(tower: Tower, features: dict, batch_size: int = 4096) -> "np.ndarray":
         chunk = {k: v[start:start + batch_size] for k, v in features.items()}
         out.append(call(chunk).numpy())
     if not out:
-        return np.zeros((0, tower.tower_config.output_dim), np.float32)
+        return np.zeros((0, tower.embedding_dim), np.float32)
     return np.concatenate(out).astype(np.float32)

@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from trainer.config import RunConfig, dump_config
+from trainer.config import PER_QUERY_OBJECTIVES, RunConfig, dump_config
 from trainer.data import Tables, load_tables
-from trainer.dataset import EncodedTables, item_sampling_probability, positives_dataset
+from trainer.dataset import EncodedTables, TrainingData
+from trainer.history import with_history
 from trainer.evaluation import (EvalSet, embedding_scores, evaluate, popularity_scores,
                                 split_interactions)
 from trainer.model import TwoTowerModel
@@ -70,12 +71,14 @@ def _eval_set(encoded: EncodedTables, train_pos: pd.DataFrame,
 
 
 def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
-                train_pos: pd.DataFrame) -> TwoTowerModel:
+                train_pos: pd.DataFrame, num_mined: Optional[int] = None) -> TwoTowerModel:
     """Towers adapted on training data: ids see only trained-on users/items.
 
     Vocabularies of the id features come from the training positives (a new
     item's id is OOV and the item is represented through its other features);
     every other feature adapts on the rows of users/items that appear in them.
+    ``num_mined``: hard negatives per positive mined in-graph (default: what
+    ``config.sampling`` asks of a per-query objective with hard_source mined).
     """
     train_users = users[users["user_id"].isin(train_pos["user_id"])]
     train_items = items[items["item_id"].isin(train_pos["item_id"])]
@@ -84,7 +87,9 @@ def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
                       name="candidate_tower")
     query.adapt(train_users, "users")
     candidate.adapt(train_items, "items")
-    model = TwoTowerModel(query, candidate, make_objective(config.objective))
+    if num_mined is None:
+        num_mined = _num_mined(config)
+    model = TwoTowerModel(query, candidate, make_objective(config.objective), num_mined)
     optimizer = {
         "adam": tf.keras.optimizers.Adam,
         "adagrad": tf.keras.optimizers.Adagrad,
@@ -92,6 +97,13 @@ def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
     }[config.training.optimizer](learning_rate=config.training.learning_rate)
     model.compile(optimizer=optimizer)
     return model
+
+
+def _num_mined(config: RunConfig) -> int:
+    neg = config.sampling.negatives
+    if config.objective.kind not in PER_QUERY_OBJECTIVES or neg.hard_source == "ranking_log":
+        return 0
+    return int(round(neg.hard_fraction * neg.num_negatives))
 
 
 def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = None,
@@ -118,12 +130,18 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
         cut = int(len(train_pos) * (1 - tc.validation_fraction))
         train_pos, val_pos = train_pos.iloc[idx[:cut]], train_pos.iloc[idx[cut:]]
 
-    model = build_model(config, tables.users, tables.items, train_pos)
+    # A configured history feature is computed from the training clicks only.
+    tables = with_history(tables, train_pos, config.features.user)
     encoded = EncodedTables.build(tables.users, tables.items, config.features.user,
                                   config.features.item)
-    user_rows, item_rows = encoded.rows(train_pos)
-    item_prob = item_sampling_probability(item_rows, len(encoded.item_index))
-    ds = positives_dataset(encoded, user_rows, item_rows, item_prob, tc.batch_size, tc.seed)
+    # Negatives are never one of the user's training interactions, clicked or
+    # exposed-not-clicked; only matrix_factorization trains on the y = 0 rows.
+    exposed = train_rows[train_rows["clicked"] == 0]
+    labelled = pd.concat([train_pos, exposed]) if config.objective.kind == \
+        "matrix_factorization" else None
+    data = TrainingData(encoded, train_pos, exposed, config, tables.ranking_log, labelled)
+    model = build_model(config, tables.users, tables.items, train_pos, data.num_mined)
+    ds = data.dataset(tc.batch_size, tc.seed)
 
     model(next(iter(ds)))  # build variables so BackupAndRestore can restore them all
     callbacks = [

@@ -1,0 +1,140 @@
+"""Each objective's loss equals a hand computation on a tiny batch."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.config import ObjectiveConfig
+from trainer.objectives import (InBatchSoftmax, Listwise, MatrixFactorization,
+                                PairwiseHinge, PairwiseLogistic, Pointwise, make_objective)
+from trainer.sampling import mixed_candidate_probability
+
+# Two queries, their positives, and two negatives each (unit vectors).
+Q = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
+POS = np.array([[0.8, 0.6], [0.0, 1.0]], np.float32)
+NEG = np.array([[[0.0, 1.0], [1.0, 0.0]],
+                [[1.0, 0.0], [-0.6, 0.8]]], np.float32)
+VALID = np.array([[1.0, 1.0], [1.0, 0.0]], np.float32)  # query 1's second negative unusable
+pos_cos = (Q * POS).sum(1)          # [0.8, 0.8]
+neg_cos = np.einsum("bd,bnd->bn", Q, NEG)  # [[0, 1], [0.6, 0.28]]
+
+
+def softplus(x):
+    return np.log1p(np.exp(x))
+
+
+def run(obj, batch=None):
+    batch = {"neg_valid": tf.constant(VALID)} if batch is None else batch
+    return float(obj(tf.constant(Q), tf.constant(POS), tf.constant(NEG), batch))
+
+
+def test_pointwise_is_binary_cross_entropy_on_cos_over_t():
+    t = 0.5
+    want = softplus(-pos_cos / t).sum() + (VALID * softplus(neg_cos / t)).sum()
+    np.testing.assert_allclose(run(Pointwise(t)), want, rtol=1e-5)
+    # the positive's term shrinks as cos -> +1, a negative's as cos -> -1
+    assert softplus(-1 / t) < softplus(-0.8 / t) and softplus(-1 / t) < softplus(0 / t)
+
+
+def test_pairwise_hinge_hand_computed():
+    m = 0.3
+    # q0: max(0, 0 + .3 - .8) = 0, max(0, 1 + .3 - .8) = .5; q1: max(0, .6 + .3 - .8) = .1
+    np.testing.assert_allclose(run(PairwiseHinge(m)), 0.5 + 0.1, rtol=1e-5)
+
+
+def test_pairwise_logistic_hand_computed():
+    s = 4.0
+    want = (VALID * softplus(s * (neg_cos - pos_cos[:, None]))).sum()
+    np.testing.assert_allclose(run(PairwiseLogistic(s)), want, rtol=1e-5)
+
+
+def test_listwise_softmax_cross_entropy_with_logq():
+    t, logq = 0.5, np.array([[-1.0, 0.0], [0.5, 2.0]], np.float32)
+    batch = {"neg_valid": tf.constant(VALID), "neg_logq": tf.constant(logq)}
+    want_plain, want_q = 0.0, 0.0
+    for b in range(2):
+        for corr, acc in ((0.0, "plain"), (1.0, "q")):
+            logits = [pos_cos[b] / t] + [neg_cos[b, n] / t - corr * logq[b, n]
+                                         for n in range(2) if VALID[b, n]]
+            loss = -(logits[0] - np.log(np.exp(logits).sum()))
+            if acc == "plain":
+                want_plain += loss
+            else:
+                want_q += loss
+    np.testing.assert_allclose(run(Listwise(t, logq_correction=False), batch), want_plain,
+                               rtol=1e-5)
+    np.testing.assert_allclose(run(Listwise(t, logq_correction=True), batch), want_q, rtol=1e-5)
+
+
+def test_matrix_factorization_squared_error():
+    u = np.array([[1.0, 2.0], [0.5, -1.0], [0.0, 1.0]], np.float32)
+    v = np.array([[0.5, 0.0], [1.0, 1.0], [2.0, 0.5]], np.float32)
+    y = np.array([1.0, 0.0, 0.0], np.float32)
+    w = np.array([1.0, 1.0, 0.1], np.float32)
+    l2 = 0.01
+    pred = (u * v).sum(1)  # [.5, -.5, .5]
+    want = (w * (pred - y) ** 2).sum() + l2 * ((u ** 2).sum() + (v ** 2).sum())
+    got = MatrixFactorization(l2)(tf.constant(u), tf.constant(v),
+                                  {"label": tf.constant(y), "weight": tf.constant(w)})
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def _softmax_loss(logits, mask=None):
+    total = 0.0
+    for b in range(logits.shape[0]):
+        row = logits[b].copy()
+        if mask is not None:
+            row = row[mask[b]]
+            pos = int(mask[b, :b].sum())
+        else:
+            pos = b
+        total += -(row[pos] - np.log(np.exp(row).sum()))
+    return total
+
+
+def test_in_batch_with_extra_candidates_score_mask_and_mixed_logq():
+    # 2 queries, 2 in-batch candidates + 2 extra catalog draws.
+    cands = np.array([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], np.float32)
+    rows = np.array([0, 1, 2, 3])
+    p = np.array([0.5, 0.2, 0.1, 0.3], np.float32)   # in-batch (click) distribution
+    q = np.array([0.3, 0.3, 0.2, 0.2], np.float32)   # catalog sampler
+    prob = mixed_candidate_probability(tf.constant(p[:2]), tf.constant(q[:2]),
+                                       tf.constant(p[2:]), tf.constant(q[2:]), "mixture")
+    np.testing.assert_allclose(prob.numpy(), (2 * p + 2 * q) / 4, rtol=1e-6)
+    mask = np.array([[True, True, True, True], [True, True, False, True]])  # extra 2 is q1's item
+    obj = InBatchSoftmax(0.5, logq_correction=True, remove_accidental_hits=True)
+    batch = {"candidate_prob": prob, "candidate_row": tf.constant(rows, tf.int64),
+             "score_mask": tf.constant(mask)}
+    got = float(obj(tf.constant(Q), tf.constant(cands), batch))
+    logits = Q @ cands.T / 0.5 - np.log((2 * p + 2 * q) / 4)[None, :]
+    np.testing.assert_allclose(got, _softmax_loss(logits, mask), rtol=1e-5)
+
+
+def test_per_source_logq_terms():
+    p, q = np.array([0.5, 0.2]), np.array([0.1, 0.4])
+    got = mixed_candidate_probability(tf.constant(p[:1], tf.float32), tf.constant(q[:1], tf.float32),
+                                      tf.constant(p[1:], tf.float32), tf.constant(q[1:], tf.float32),
+                                      "per_source").numpy()
+    np.testing.assert_allclose(got, [1 * 0.5 / 2, 1 * 0.4 / 2], rtol=1e-6)
+
+
+def test_num_hard_negatives_keeps_the_hardest():
+    cands = np.array([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]], np.float32)
+    q3 = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], np.float32)
+    obj = InBatchSoftmax(1.0, logq_correction=False, remove_accidental_hits=False,
+                         num_hard_negatives=1)
+    got = float(obj(tf.constant(q3), tf.constant(cands), {}))
+    logits = q3 @ cands.T
+    want = 0.0
+    for b in range(3):
+        negs = np.delete(logits[b], b)
+        row = np.array([logits[b, b], negs.max()])
+        want += -(row[0] - np.log(np.exp(row).sum()))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,cls", [
+    ("in_batch_softmax", InBatchSoftmax), ("matrix_factorization", MatrixFactorization),
+    ("pointwise", Pointwise), ("pairwise_hinge", PairwiseHinge),
+    ("pairwise_logistic", PairwiseLogistic), ("listwise", Listwise)])
+def test_every_kind_is_reachable_from_the_config(kind, cls):
+    assert isinstance(make_objective(ObjectiveConfig(kind=kind)), cls)

@@ -1,0 +1,218 @@
+"""The training pipeline: exposure filtering, negatives, history leave-out, end to end."""
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from trainer.config import parse_config
+from trainer.data.synthetic import generate
+from trainer.dataset import EncodedTables, TrainingData
+from trainer.evaluation import split_interactions
+from trainer.history import with_history
+from trainer.train import train
+
+IDS = {"user": [{"name": "user_id", "type": "categorical", "embedding_dim": 8}],
+       "item": [{"name": "item_id", "type": "categorical", "embedding_dim": 8}]}
+BASE = {
+    "name": "tiny",
+    "data": {"kind": "synthetic", "num_users": 120, "num_items": 80,
+             "exposures_per_user": 20, "seed": 2},
+    "features": IDS,
+    "model": {"query_tower": {"output_dim": 8}, "candidate_tower": {"output_dim": 8}},
+    "training": {"epochs": 1, "batch_size": 128, "learning_rate": 0.01},
+    "evaluation": {"protocol": "random", "ks": [10]},
+}
+
+
+def config(**over):
+    raw = copy.deepcopy(BASE)
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return generate(num_users=120, num_items=80, exposures_per_user=20, seed=2)
+
+
+def pipeline(tables, cfg):
+    train_rows, _ = split_interactions(tables.interactions, "random")
+    pos = train_rows[train_rows["clicked"] == 1]
+    exposed = train_rows[train_rows["clicked"] == 0]
+    tables = with_history(tables, pos, cfg.features.user)
+    enc = EncodedTables.build(tables.users, tables.items, cfg.features.user, cfg.features.item)
+    labelled = (pd.concat([pos, exposed]) if cfg.objective.kind == "matrix_factorization"
+                else None)
+    data = TrainingData(enc, pos, exposed, cfg, tables.ranking_log, labelled)
+    return data, enc, pos, exposed
+
+
+def pairs(df, enc):
+    u, i = enc.rows(df)
+    return set(zip(u.tolist(), i.tolist()))
+
+
+def test_exposed_not_clicked_items_are_never_retrieval_negatives(tables):
+    cfg = config(objective={"kind": "listwise"},
+                 sampling={"negatives": {"num_negatives": 6, "hard_fraction": 0.5,
+                                         "hard_source": "ranking_log"}})
+    data, enc, pos, exposed = pipeline(tables, cfg)
+    assert (tables.interactions["clicked"] == 0).any()  # they stay in the tables
+    clicked, shown = pairs(pos, enc), pairs(exposed, enc)
+    assert shown and not clicked & shown
+    seen_neg = 0
+    for batch in data.dataset(64, seed=0).take(4):
+        users = batch["query"]["user_id"].numpy().astype(str)
+        u = enc.user_index.get_indexer(users)
+        for b, row in enumerate(batch["item_row"].numpy()):
+            assert (u[b], row) in clicked            # positives are clicks only
+        rows, valid = batch["neg_row"].numpy(), batch["neg_valid"].numpy()
+        for b in range(len(u)):
+            for r in rows[b][valid[b]]:
+                assert (u[b], r) not in shown        # never an exposure ...
+                assert (u[b], r) not in clicked      # ... nor one of the user's clicks
+                seen_neg += 1
+    assert seen_neg > 500
+
+
+def test_extra_candidates_mask_the_users_own_items(tables):
+    cfg = config(sampling={"negatives": {"extra_candidates": 40}})
+    data, enc, pos, exposed = pipeline(tables, cfg)
+    own = pairs(pos, enc) | pairs(exposed, enc)
+    batch = next(iter(data.dataset(64, seed=1)))
+    u = enc.user_index.get_indexer(batch["query"]["user_id"].numpy().astype(str))
+    rows = batch["candidate_row"].numpy()
+    mask = batch["score_mask"].numpy()
+    assert mask.shape == (64, 64 + 40) and len(rows) == 104
+    assert mask[:, :64].all()                      # in-batch part untouched by default
+    for b in range(64):
+        for c in range(64, 104):
+            assert mask[b, c] == ((u[b], rows[c]) not in own)
+    p, q = data.item_prob, data.catalog.prob
+    want = (64 * p[rows] + 40 * q[rows]) / 104      # the mixture logQ term of every candidate
+    np.testing.assert_allclose(batch["candidate_prob"].numpy(), want, rtol=1e-5)
+
+
+def test_matrix_factorization_is_the_only_user_of_exposures(tables):
+    cfg = config(objective={"kind": "matrix_factorization", "unobserved_per_row": 1},
+                 model={"query_tower": {"output_dim": 8, "l2_normalize": False},
+                        "candidate_tower": {"output_dim": 8, "l2_normalize": False}})
+    data, enc, pos, exposed = pipeline(tables, cfg)
+    observed = []
+    for batch in data.dataset(256, seed=0):
+        y, w = batch["label"].numpy(), batch["weight"].numpy()
+        half = len(y) // 2                                # one unobserved draw per row
+        observed.append(y[:half])
+        assert (y[half:] == 0).all() and np.allclose(w[half:], 0.1)
+    observed = np.concatenate(observed)
+    # every click (y = 1) and every exposure without one (y = 0), once
+    assert (observed == 1).sum() == len(pos) and (observed == 0).sum() == len(exposed)
+
+
+def test_history_never_contains_the_training_target(tables):
+    cfg = config(features={"user": IDS["user"] + [{"name": "history", "type": "history"}]})
+    data, enc, pos, _ = pipeline(tables, cfg)
+    full = dict(zip(enc.user_index, enc.user_features["history"]))
+    batch = next(iter(data.dataset(128, seed=0)))
+    users = batch["query"]["user_id"].numpy().astype(str)
+    hist = batch["query"]["history"].numpy().astype(str)
+    items = np.asarray(enc.item_index)[batch["item_row"].numpy()]
+    for user, h, item in zip(users, hist, items):
+        assert item not in h.split("|")
+        assert set(h.split("|")) - {""} == set(full[user].split("|")) - {item, ""}
+
+
+def test_history_requires_the_user_tower():
+    with pytest.raises(Exception, match="history"):
+        config(features={"user": IDS["user"],
+                         "item": IDS["item"] + [{"name": "history", "type": "history"}]})
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("matrix_factorization", {"objective": {"unobserved_per_row": 1}, "model": {
+        "query_tower": {"output_dim": 8, "l2_normalize": False},
+        "candidate_tower": {"output_dim": 8, "l2_normalize": False}}}),
+    ("pointwise", {"sampling": {"negatives": {"hard_fraction": 0.5, "hard_source": "mined",
+                                              "mining_pool": 32}}}),
+    ("pairwise_hinge", {"sampling": {"negatives": {"hard_fraction": 0.5}}}),
+    ("pairwise_logistic", {"model": {"query_tower": {"output_dim": 4, "members": 2},
+                                     "candidate_tower": {"output_dim": 4, "members": 2}}}),
+    ("listwise", {"sampling": {"positives": {"subsample_threshold": 0.01,
+                                             "upsample_below": 3, "upsample_factor": 2}}}),
+    ("in_batch_softmax", {"objective": {"num_hard_negatives": 20},
+                          "sampling": {"negatives": {"extra_candidates": 32,
+                                                     "mask_user_positives": True}},
+                          "features": {"user": IDS["user"] + [
+                              {"name": "history", "type": "history", "dropout": 0.2}]}}),
+])
+def test_every_objective_trains_and_exports(kind, extra, tmp_path):
+    over = copy.deepcopy(extra)
+    over.setdefault("objective", {})["kind"] = kind
+    cfg = config(**over)
+    run = train(cfg, tmp_path, verbose=0)
+    assert np.isfinite(run.history["loss"]).all()
+    assert 0.0 <= run.metrics["model"]["hr@10"] <= 1.0
+    spec = json.loads((tmp_path / "feature_spec.json").read_text())
+    query = tf.saved_model.load(str(tmp_path / "towers" / "query"))
+    cand = tf.saved_model.load(str(tmp_path / "towers" / "candidate"))
+    users = pd.read_parquet(tmp_path / "users.parquet").head(3)
+    q = query.signatures["serving_default"](
+        **{f["name"]: tf.constant(users[f["name"]].astype(str).to_numpy())
+           for f in spec["query"]})["embedding"].numpy()
+    c = cand.signatures["serving_default"](item_id=tf.constant(["i0", "i1"]))["embedding"]
+    assert spec["embedding_dim"] == 8 and q.shape == (3, 8) and c.shape == (2, 8)
+    norms = np.linalg.norm(q, axis=1)
+    if kind == "matrix_factorization":
+        assert spec["l2_normalized"] is False and not np.allclose(norms, 1.0)
+    else:
+        assert spec["l2_normalized"] is True
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
+
+
+def test_variant_overlays_validate_on_both_base_configs():
+    from pathlib import Path
+
+    from trainer.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    variants = sorted((root / "variants").glob("*.yaml"))
+    assert len(variants) >= 12
+    kinds = set()
+    for v in variants:
+        for base in ("ml100k.yaml", "synthetic.yaml"):
+            kinds.add(load_config(root / base, [v]).objective.kind)
+    assert kinds == {"in_batch_softmax", "matrix_factorization", "pointwise",
+                     "pairwise_hinge", "pairwise_logistic", "listwise"}
+
+
+def test_matrix_factorization_needs_plain_id_towers():
+    with pytest.raises(Exception, match="l2_normalize"):
+        config(objective={"kind": "matrix_factorization"})
+
+
+def test_ensemble_members_each_get_their_own_loss():
+    from trainer.config import CategoricalFeature, TowerConfig
+    from trainer.model import TwoTowerModel
+    from trainer.objectives import InBatchSoftmax
+    from trainer.towers import Tower
+
+    specs = [CategoricalFeature(name="item_id", type="categorical", embedding_dim=4)]
+    tower = Tower(specs, TowerConfig(output_dim=3, members=2))
+    tower.adapt(pd.DataFrame({"item_id": ["a", "b", "c"]}), "items")
+    out = tower({"item_id": tf.constant(["a", "b"])}).numpy()
+    assert out.shape == (2, 6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out[:, :3], axis=1), 0.5 ** 0.5, rtol=1e-5)
+    obj = InBatchSoftmax(0.5, logq_correction=False, remove_accidental_hits=False)
+    model = TwoTowerModel(tower, tower, obj)
+    batch = {"query": {"item_id": tf.constant(["a", "b", "c"])},
+             "candidate": {"item_id": tf.constant(["b", "c", "a"])}}
+    q = tower(batch["query"]).numpy() * 2 ** 0.5
+    c = tower(batch["candidate"]).numpy() * 2 ** 0.5
+    want = sum(float(obj(tf.constant(q[:, m * 3:(m + 1) * 3]),
+                         tf.constant(c[:, m * 3:(m + 1) * 3]), {})) for m in range(2))
+    np.testing.assert_allclose(float(model.compute_loss(batch)), want, rtol=1e-5)
