@@ -46,8 +46,9 @@ def decode_inputs(signature, inputs) -> dict:
         if alias not in inputs:
             continue
         proto = inputs[alias]
-        signature.check_tensor(alias, proto.dtype, shape_of(proto, alias))
-        arrays[alias] = to_numpy(proto, alias)
+        shape = shape_of(proto, alias)
+        signature.check_tensor(alias, proto.dtype, shape)
+        arrays[alias] = to_numpy(proto, alias, shape)
     return arrays
 
 

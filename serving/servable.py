@@ -32,15 +32,20 @@ def usable_cores() -> int:
 
 
 def session_config(intra_op: int = 0, inter_op: int = 0) -> tf.compat.v1.ConfigProto:
-    """Session options; 0 = the cores this process may use (not the machine's).
+    """Session options.
 
+    ``intra_op`` 0 = the cores this process may use (not the machine's).
+    ``inter_op`` 0 = run each graph's ops in the calling thread (TensorFlow's
+    negative setting): the server already runs requests and batches on their
+    own threads, so a shared inter-op pool only adds a thread hand-off (and
+    idle spinning) per run; > 0 sizes that pool, < 0 is passed through.
     Sessions share TensorFlow's process-wide pools, so versions and models do
     not multiply threads; the first session's sizes apply.
     """
     cores = usable_cores()
     return tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=intra_op or cores,
-        inter_op_parallelism_threads=inter_op or cores,
+        inter_op_parallelism_threads=inter_op or -1,
         allow_soft_placement=True,
     )
 
