@@ -33,6 +33,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._predictor = predictor
         self._runner = runner
         self._metrics = metrics
+        self._predicts = 0   # Predict calls in flight (touched on the loop only)
 
     async def _call(self, api: str, request, context, coro_fn):
         started = time.monotonic()
@@ -56,8 +57,16 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         predictor, runner = self._predictor, self._runner
-        return await self._call("predict", request, context,
-                                lambda r: predictor.predict_async(r, deadline, runner))
+        # The only request in flight runs its session on the loop thread: no
+        # one waits behind it, and it saves the hand-off to a runner thread.
+        self._predicts += 1
+        try:
+            inline = self._predicts == 1
+            return await self._call(
+                "predict", request, context,
+                lambda r: predictor.predict_async(r, deadline, runner, inline))
+        finally:
+            self._predicts -= 1
 
     async def GetModelMetadata(self, request, context):
         async def metadata(r):

@@ -119,14 +119,16 @@ class Predictor:
         with self.servable(request.model_spec) as servable:
             return self.predict_on(servable, request, deadline=deadline)
 
-    async def predict_async(self, request, deadline: float = None, runner=None):
+    async def predict_async(self, request, deadline: float = None, runner=None,
+                            inline: bool = False):
         """:meth:`predict` for an asyncio front end.
 
         Validation and response building run on the calling event loop; the
         session runs on a batch worker (batching) or on ``runner``, a
-        :class:`BlockingRunner`.  The servable is released by whichever thread
-        finishes the run, so a cancelled call never lets a swap close a
-        session that is still running.
+        :class:`BlockingRunner` -- or, with ``inline`` (the caller knows no
+        other request is in flight), right here, saving two thread hand-offs.
+        The servable is released by whichever thread finishes the run, so a
+        cancelled call never lets a swap close a session that is still running.
         """
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
@@ -148,6 +150,13 @@ class Predictor:
                     key, lambda a: servable.run(signature, a, outputs),
                     servable.name, signature, task)
             if not handed_off:
+                if inline or runner is None:
+                    handed_off = True   # released below, after the run
+                    try:
+                        values = servable.run(signature, arrays, outputs)
+                    finally:
+                        self.manager.release(servable)
+                    return self.response(servable, request, signature, outputs, values)
                 runner.submit(servable.run, (signature, arrays, outputs), loop, fut, release)
                 handed_off = True
         finally:
