@@ -231,6 +231,7 @@ class BatchScheduler:
             batches = queue.batches
             if batches and batches[-1].size + size <= opts.max_batch_size:
                 batch = batches[-1]
+                wake = False
             else:
                 if len(batches) >= opts.max_enqueued_batches:
                     raise QUEUE_FULL_ERROR(
@@ -239,9 +240,14 @@ class BatchScheduler:
                         f"max_enqueued_batches is {opts.max_enqueued_batches}")
                 batch = _Batch()
                 batches.append(batch)
+                wake = True     # a new deadline the workers do not know yet
             batch.tasks.append(task)
             batch.size += size
-            self._cv.notify()
+            # Waking a worker for every task only to find the batch not ready
+            # costs a thread switch per request: wake it for a new batch (its
+            # timeout) or a full one, otherwise the timed wait covers it.
+            if wake or batch.size >= opts.max_batch_size:
+                self._cv.notify()
         return True
 
     # -- workers -----------------------------------------------------------
@@ -264,6 +270,9 @@ class BatchScheduler:
                         batch = queue.batches.popleft()
                         if not queue.batches:
                             del self._queues[key]   # servables come and go
+                        if self._queues:
+                            # more batches wait: let an idle worker time them
+                            self._cv.notify()
                         return queue, batch
                     wait = left if wait is None else min(wait, left)
                 if self._stopping and not self._queues:
