@@ -76,13 +76,58 @@ class BatchingOptions:
 
 
 class _Task:
-    __slots__ = ("arrays", "size", "deadline", "enqueued", "done", "result", "error")
+    """One request's rows.  Completion: ``done`` (an Event) for blocking callers,
+    or ``future`` resolved on ``loop`` for asyncio callers; ``on_done`` (e.g.
+    releasing the servable) runs on the worker before the caller is woken."""
+    __slots__ = ("arrays", "size", "deadline", "enqueued", "done", "result", "error",
+                 "loop", "future", "on_done", "finished")
 
-    def __init__(self, arrays, size, deadline=None):
+    def __init__(self, arrays, size, deadline=None, loop=None, future=None, on_done=None):
         self.arrays, self.size, self.deadline = arrays, size, deadline
         self.enqueued = time.monotonic()
-        self.done = threading.Event()
+        self.loop, self.future, self.on_done = loop, future, on_done
+        self.done = threading.Event() if future is None else None
         self.result = self.error = None
+        self.finished = False
+
+
+def _resolve_futures(tasks) -> None:
+    """On the event loop: hands each task's result or error to its future."""
+    for t in tasks:
+        fut = t.future
+        if fut.done():   # the caller went away (cancelled, deadline)
+            continue
+        if t.error is not None:
+            fut.set_exception(t.error)
+        else:
+            fut.set_result(t.result)
+
+
+def complete(tasks) -> None:
+    """Marks tasks finished: runs ``on_done``, wakes blocking callers, and
+    resolves asyncio futures with one wake-up per event loop."""
+    by_loop = None
+    for t in tasks:
+        if t.finished:
+            continue
+        t.finished = True
+        if t.on_done is not None:
+            try:
+                t.on_done()
+            except Exception:  # noqa: BLE001 - must not keep callers waiting
+                log.exception("task completion callback failed")
+        if t.future is None:
+            t.done.set()
+        else:
+            if by_loop is None:
+                by_loop = {}
+            by_loop.setdefault(t.loop, []).append(t)
+    if by_loop:
+        for loop, group in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_futures, group)
+            except RuntimeError:  # loop closed: the server is gone
+                pass
 
 
 class _Batch:
@@ -156,12 +201,27 @@ class BatchScheduler:
         ``deadline`` (time.monotonic() seconds, e.g. from the gRPC deadline): a
         task still queued past it is dropped with DEADLINE_EXCEEDED.
         """
+        task = _Task(arrays, size, deadline)
+        if not self.submit(key, run_fn, model_name, signature, task):
+            return run_fn(arrays)
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def submit(self, key, run_fn, model_name, signature, task: _Task) -> bool:
+        """Queues ``task`` without waiting; it completes through :func:`complete`.
+
+        False (and nothing queued) when the task is larger than
+        ``max_batch_size``: the caller runs it alone.  Raises RESOURCE_EXHAUSTED
+        when the queue is full, UNAVAILABLE when stopping.
+        """
         opts = self.options
+        size = task.size
         if size > opts.max_batch_size:
             if self._metrics:
                 self._metrics.record_batch(model_name, size)
-            return run_fn(arrays)
-        task = _Task(arrays, size, deadline)
+            return False
         with self._cv:
             if self._stopping:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
@@ -171,6 +231,7 @@ class BatchScheduler:
             batches = queue.batches
             if batches and batches[-1].size + size <= opts.max_batch_size:
                 batch = batches[-1]
+                wake = False
             else:
                 if len(batches) >= opts.max_enqueued_batches:
                     raise QUEUE_FULL_ERROR(
@@ -179,13 +240,15 @@ class BatchScheduler:
                         f"max_enqueued_batches is {opts.max_enqueued_batches}")
                 batch = _Batch()
                 batches.append(batch)
+                wake = True     # a new deadline the workers do not know yet
             batch.tasks.append(task)
             batch.size += size
-            self._cv.notify()
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        return task.result
+            # Waking a worker for every task only to find the batch not ready
+            # costs a thread switch per request: wake it for a new batch (its
+            # timeout) or a full one, otherwise the timed wait covers it.
+            if wake or batch.size >= opts.max_batch_size:
+                self._cv.notify()
+        return True
 
     # -- workers -----------------------------------------------------------
     def _ready(self, batch: _Batch, now: float) -> float:
@@ -207,6 +270,9 @@ class BatchScheduler:
                         batch = queue.batches.popleft()
                         if not queue.batches:
                             del self._queues[key]   # servables come and go
+                        if self._queues:
+                            # more batches wait: let an idle worker time them
+                            self._cv.notify()
                         return queue, batch
                     wait = left if wait is None else min(wait, left)
                 if self._stopping and not self._queues:
@@ -239,22 +305,24 @@ class BatchScheduler:
             self._finish(tasks, merged, batch.size, queue)
         except BaseException as exc:  # noqa: BLE001
             err = from_exception(exc)
-            for t in tasks:
-                if not t.done.is_set():
-                    t.error = err
-                    t.done.set()
+            left = [t for t in tasks if not t.finished]
+            for t in left:
+                t.error = err
+            complete(left)
 
     @staticmethod
     def _drop_expired(tasks, now):
-        live = []
+        live, expired = [], []
         for t in tasks:
             if t.deadline is not None and now > t.deadline:
                 t.error = ServingError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     "Batching session Run() timeout exceeded while waiting in batching queue")
-                t.done.set()
+                expired.append(t)
             else:
                 live.append(t)
+        if expired:
+            complete(expired)
         return live
 
     def _finish(self, tasks, arrays, size, queue) -> None:
@@ -277,8 +345,7 @@ class BatchScheduler:
             err = from_exception(exc)
             for t in tasks:
                 t.error = err
-        for t in tasks:
-            t.done.set()
+        complete(tasks)
 
     def stop(self) -> None:
         """Runs what is queued, then stops the workers."""

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                    help="threads per op; 0 = the cores this process may use")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
-                   help="ops run in parallel; 0 = the cores this process may use")
+                   help="ops run in parallel per session run; 0 = in the calling thread "
+                        "(the server runs requests on its own threads)")
     p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
     return p
 

@@ -1,7 +1,9 @@
-"""TF Serving's gRPC services (PredictionService, ModelService) over grpcio.
+"""TF Serving's gRPC services (PredictionService, ModelService) over grpc.aio.
 
 Every handler catches everything: a ServingError becomes its status code, any
-other exception INTERNAL, so no request can take the server down.
+other exception INTERNAL, so no request can take the server down.  Handlers
+run on the server's event loop and never block it: session runs and config
+reloads go to worker threads.
 """
 import logging
 import time
@@ -19,64 +21,75 @@ from serving.manager import resolve_model_spec
 log = logging.getLogger(__name__)
 
 
-def _abort(context, err: ServingError):
-    context.abort(err.code, err.message)
-
-
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict and GetModelMetadata; Classify/Regress/MultiInference are UNIMPLEMENTED."""
+    """Predict and GetModelMetadata on a ``grpc.aio`` server.
 
-    def __init__(self, predictor, metrics=None):
+    Decoding, validation and response building run on the event loop; the
+    session runs on a batch worker (batching) or on ``runner``'s threads.
+    Classify/Regress/MultiInference are UNIMPLEMENTED.
+    """
+
+    def __init__(self, predictor, runner, metrics=None):
         self._predictor = predictor
+        self._runner = runner
         self._metrics = metrics
+        self._predicts = 0   # Predict calls in flight (touched on the loop only)
 
-    def _call(self, api: str, request, context, fn):
+    async def _call(self, api: str, request, context, coro_fn):
         started = time.monotonic()
         status = "OK"
+        err = None
         try:
-            return fn(request)
+            return await coro_fn(request)
         except Exception as exc:  # noqa: BLE001 - the server never dies on a request
             err = from_exception(exc)
             if not isinstance(exc, ServingError):
                 log.exception("%s failed", api)
             status = err.code_name
-            _abort(context, err)
         finally:
             if self._metrics is not None:
                 name = request.model_spec.name if request.HasField("model_spec") else ""
                 self._metrics.record_request(name, api, "GRPC", status,
                                              time.monotonic() - started)
+        await context.abort(err.code, err.message)
 
-    def Predict(self, request, context):
+    async def Predict(self, request, context):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        return self._call("predict", request, context,
-                          lambda r: self._predictor.predict(r, deadline))
+        predictor, runner = self._predictor, self._runner
+        # The only request in flight runs its session on the loop thread: no
+        # one waits behind it, and it saves the hand-off to a runner thread.
+        self._predicts += 1
+        try:
+            inline = self._predicts == 1
+            return await self._call(
+                "predict", request, context,
+                lambda r: predictor.predict_async(r, deadline, runner, inline))
+        finally:
+            self._predicts -= 1
 
-    def GetModelMetadata(self, request, context):
-        return self._call("GetModelMetadata", request, context, self._predictor.metadata)
+    async def GetModelMetadata(self, request, context):
+        async def metadata(r):
+            return self._predictor.metadata(r)
+        return await self._call("GetModelMetadata", request, context, metadata)
 
-    def _unimplemented(self, api, request, context):
-        def fail(_):
+    async def _unimplemented(self, api, request, context):
+        async def fail(_):
             raise unimplemented(
                 f"{api} is not supported by this server: serve a predict signature "
                 "and use Predict (the project's models have no classify/regress "
                 "signatures).")
-        return self._call(api.lower(), request, context, fail)
+        return await self._call(api.lower(), request, context, fail)
 
-    def Classify(self, request, context):
-        return self._unimplemented("Classify", request, context)
+    async def Classify(self, request, context):
+        return await self._unimplemented("Classify", request, context)
 
-    def Regress(self, request, context):
-        return self._unimplemented("Regress", request, context)
+    async def Regress(self, request, context):
+        return await self._unimplemented("Regress", request, context)
 
-    def MultiInference(self, request, context):
-        def fail(_):
-            raise unimplemented("MultiInference is not supported by this server; use Predict.")
-        try:
-            fail(request)
-        except ServingError as err:
-            _abort(context, err)
+    async def MultiInference(self, request, context):
+        err = unimplemented("MultiInference is not supported by this server; use Predict.")
+        await context.abort(err.code, err.message)
 
 
 def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusResponse:
@@ -92,37 +105,41 @@ def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusR
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus and HandleReloadConfigRequest."""
+    """GetModelStatus and HandleReloadConfigRequest (which waits for the loads
+    on ``runner``'s threads, never on the event loop)."""
 
-    def __init__(self, manager, reload_fn):
+    def __init__(self, manager, reload_fn, runner):
         self._manager = manager
         self._reload_fn = reload_fn
+        self._runner = runner
 
-    def GetModelStatus(self, request, context):
+    async def GetModelStatus(self, request, context):
         try:
             if not request.HasField("model_spec"):
                 raise invalid_argument("Missing ModelSpec")
             return status_response(self._manager, request.model_spec)
         except Exception as exc:  # noqa: BLE001
-            _abort(context, from_exception(exc))
+            err = from_exception(exc)
+        await context.abort(err.code, err.message)
 
-    def HandleReloadConfigRequest(self, request, context):
+    async def HandleReloadConfigRequest(self, request, context):
         try:
             config = request.config
             if config.WhichOneof("config") != "model_config_list":
                 raise invalid_argument(
                     "ServerConfig must contain a model_config_list (custom_model_config "
                     "is not supported)")
-            self._reload_fn(config.model_config_list)
+            await self._runner.call(self._reload_fn, config.model_config_list)
             response = model_management_pb2.ReloadConfigResponse()
             response.status.error_code = 0
             return response
         except Exception as exc:  # noqa: BLE001
-            _abort(context, from_exception(exc))
+            err = from_exception(exc)
+        await context.abort(err.code, err.message)
 
 
-def add_services(server, predictor, manager, reload_fn, metrics=None) -> None:
+def add_services(server, predictor, manager, reload_fn, runner, metrics=None) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(predictor, metrics), server)
+        PredictionService(predictor, runner, metrics), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(manager, reload_fn), server)
+        ModelService(manager, reload_fn, runner), server)

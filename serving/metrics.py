@@ -66,16 +66,30 @@ class Metrics:
             "Time (in microseconds) a request waited in the batching queue.",
             ["model_name"], registry=self.registry, buckets=LATENCY_BUCKETS_US)
 
+        # labelled children, cached: ``labels()`` takes a lock and builds a key
+        self._latency_children = {}
+        self._batch_children = {}
+        self._queuing_children = {}
+
+    @staticmethod
+    def _child(cache: dict, metric, *labels):
+        child = cache.get(labels)
+        if child is None:
+            child = cache[labels] = metric.labels(*labels)
+        return child
+
     def record_request(self, model_name: str, api: str, entrypoint: str,
                        status: str, seconds: float) -> None:
         self._requests.inc(model_name, status)
-        self.request_latency.labels(model_name, api, entrypoint).observe(seconds * 1e6)
+        self._child(self._latency_children, self.request_latency,
+                    model_name, api, entrypoint).observe(seconds * 1e6)
 
     def record_batch(self, model_name: str, size: int) -> None:
-        self.batch_size.labels(model_name).observe(size)
+        self._child(self._batch_children, self.batch_size, model_name).observe(size)
 
     def record_queuing(self, model_name: str, seconds: float) -> None:
-        self.queuing_latency.labels(model_name).observe(seconds * 1e6)
+        self._child(self._queuing_children, self.queuing_latency,
+                    model_name).observe(seconds * 1e6)
 
     def exposition(self) -> bytes:
         text = generate_latest(self.registry)

@@ -2,7 +2,7 @@
 
 Loads exactly as TF Serving's session-based path does
 (``tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)``) and runs
-signatures by tensor name.  ``scann`` is imported first so SavedModels with the
+signatures by tensor name (through Session callables).  ``scann`` is imported first so SavedModels with the
 ``Scann>*`` ops load.  Requests hold the servable with :meth:`acquire` /
 :meth:`release`; :meth:`close` waits for them before closing the session.
 """
@@ -10,7 +10,9 @@ import logging
 import os
 import threading
 
+import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
 
 from serving.signature import Signature
 
@@ -30,15 +32,20 @@ def usable_cores() -> int:
 
 
 def session_config(intra_op: int = 0, inter_op: int = 0) -> tf.compat.v1.ConfigProto:
-    """Session options; 0 = the cores this process may use (not the machine's).
+    """Session options.
 
+    ``intra_op`` 0 = the cores this process may use (not the machine's).
+    ``inter_op`` 0 = run each graph's ops in the calling thread (TensorFlow's
+    negative setting): the server already runs requests and batches on their
+    own threads, so a shared inter-op pool only adds a thread hand-off (and
+    idle spinning) per run; > 0 sizes that pool, < 0 is passed through.
     Sessions share TensorFlow's process-wide pools, so versions and models do
     not multiply threads; the first session's sizes apply.
     """
     cores = usable_cores()
     return tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=intra_op or cores,
-        inter_op_parallelism_threads=inter_op or cores,
+        inter_op_parallelism_threads=inter_op or -1,
         allow_soft_placement=True,
     )
 
@@ -76,23 +83,40 @@ class Servable:
 
     # -- running ----------------------------------------------------------
     def _callable(self, signature: Signature, output_aliases: tuple):
+        """A ``Session`` callable (``CallableOptions``: feeds and fetches by
+        tensor name) for all of the signature's inputs and these outputs.
+
+        It runs through ``TF_SessionRunCallable`` directly: no feed dict, no
+        fetch handler, no graph lookups per call (``Session.make_callable``
+        with a ``feed_list`` falls back to a full ``Session.run``).
+        """
         key = (signature.key, output_aliases)
-        fn = self._callables.get(key)
-        if fn is None:
+        entry = self._callables.get(key)
+        if entry is None:
             with self._callables_lock:
-                fn = self._callables.get(key)
-                if fn is None:
-                    fetches = [signature.outputs[a].name for a in output_aliases]
-                    feeds = [signature.inputs[a].name for a in signature.input_aliases]
-                    fn = self.session.make_callable(fetches, feed_list=feeds)
-                    self._callables[key] = fn
-        return fn
+                entry = self._callables.get(key)
+                if entry is None:
+                    options = config_pb2.CallableOptions()
+                    options.feed.extend(signature.inputs[a].name
+                                        for a in signature.input_aliases)
+                    options.fetch.extend(signature.outputs[a].name for a in output_aliases)
+                    fn = self.session._make_callable_from_options(options)
+                    dtypes = [np.dtype(signature.inputs[a].np_dtype)
+                              for a in signature.input_aliases]
+                    entry = self._callables[key] = (fn, dtypes)
+        return entry
 
     def run(self, signature: Signature, arrays: dict, output_aliases: tuple) -> dict:
         """Runs ``signature`` on ``arrays`` (alias -> ndarray); returns alias -> ndarray."""
         if len(arrays) == len(signature.inputs):
-            fn = self._callable(signature, output_aliases)
-            values = fn(*[arrays[a] for a in signature.input_aliases])
+            fn, dtypes = self._callable(signature, output_aliases)
+            feeds = []
+            for alias, dtype in zip(signature.input_aliases, dtypes):
+                arr = arrays[alias]
+                if arr.dtype != dtype or not arr.flags.c_contiguous:
+                    arr = np.ascontiguousarray(arr, dtype=dtype)
+                feeds.append(arr)
+            values = fn(*feeds)
         else:  # some inputs left to their defaults
             values = self.session.run(
                 [signature.outputs[a].name for a in output_aliases],

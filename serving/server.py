@@ -6,8 +6,8 @@ stops accepting, finishes in-flight requests and unloads everything.
 """
 import logging
 import os
+import asyncio
 import threading
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -17,7 +17,7 @@ from serving.batching import BatchingOptions, BatchScheduler
 from serving.grpc_service import add_services
 from serving.manager import ServableManager
 from serving.metrics import Metrics
-from serving.predict import Predictor
+from serving.predict import BlockingRunner, Predictor
 from serving.rest import RestHandler, RestServer
 from serving.servable import Servable, session_config
 from serving.warmup import run_warmup
@@ -57,6 +57,7 @@ class ModelServer:
             if options.batching_options else None
         self.predictor = Predictor(self.manager, self.scheduler)
         self._grpc = None
+        self._runner = None
         self._rest = None
         self._config_text = None
         self._stop_config_poll = threading.Event()
@@ -99,19 +100,16 @@ class ModelServer:
 
     def _start_grpc(self) -> None:
         opts = self.options
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=opts.grpc_max_threads,
-                                       thread_name_prefix="grpc"),
+        self._runner = BlockingRunner(opts.grpc_max_threads, name="grpc")
+        self._grpc = AioGrpcServer(
+            lambda server: add_services(server, self.predictor, self.manager,
+                                        self.reload_config, self._runner, self.metrics),
+            f"{opts.host}:{opts.port}",
             options=[("grpc.max_receive_message_length", opts.max_request_bytes),
                      ("grpc.max_send_message_length", -1),
                      ("grpc.so_reuseport", 0)])
-        add_services(self._grpc, self.predictor, self.manager, self.reload_config,
-                     self.metrics)
-        address = f"{opts.host}:{opts.port}"
-        if self._grpc.add_insecure_port(address) == 0:
-            raise OSError(f"could not bind gRPC port {address}")
         self._grpc.start()
-        log.info("Running gRPC ModelServer at %s ...", address)
+        log.info("Running gRPC ModelServer at %s ...", self._grpc.address)
 
     def _start_rest(self) -> None:
         opts = self.options
@@ -141,13 +139,14 @@ class ModelServer:
     def stop(self, grace: float = 30.0) -> None:
         """Stops accepting, finishes in-flight requests, unloads every model."""
         self._stop_config_poll.set()
-        done = None
         if self._grpc is not None:
-            done = self._grpc.stop(grace)
+            self._grpc.begin_stop(grace)
         if self._rest is not None:
             self._rest.stop()
-        if done is not None:
-            done.wait(grace)
+        if self._grpc is not None:
+            self._grpc.wait_stopped(grace)
+        if self._runner is not None:
+            self._runner.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         self.manager.stop()
@@ -160,3 +159,68 @@ def config_file_text(path: str) -> str:
         return None
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+class AioGrpcServer:
+    """A ``grpc.aio`` server on its own thread and event loop.
+
+    ``add_fn(server)`` registers the services (on the loop thread).  Stopping
+    refuses new RPCs, lets in-flight ones finish within the grace period, then
+    stops the loop.
+    """
+
+    def __init__(self, add_fn, address: str, options=()):
+        self._add_fn = add_fn
+        self.address = address
+        self._options = list(options)
+        self._loop = None
+        self._server = None
+        self._thread = None
+        self._started = threading.Event()
+        self._error = None
+        self._stop_future = None
+
+    async def _start(self):
+        self._server = grpc.aio.server(options=self._options)
+        self._add_fn(self._server)
+        if self._server.add_insecure_port(self.address) == 0:
+            raise OSError(f"could not bind gRPC port {self.address}")
+        await self._server.start()
+
+    def _run(self):
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            self._started.set()
+            self._loop.close()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="grpc-server", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+
+    def begin_stop(self, grace: float) -> None:
+        """Stops accepting new RPCs now; in-flight ones get ``grace`` seconds."""
+        if self._loop is None or self._error is not None or self._stop_future is not None:
+            return
+
+        async def stop():
+            try:
+                await self._server.stop(grace)
+            finally:
+                asyncio.get_running_loop().stop()
+        self._stop_future = asyncio.run_coroutine_threadsafe(stop(), self._loop)
+
+    def wait_stopped(self, grace: float) -> None:
+        if self._thread is None:
+            return
+        self._thread.join(timeout=grace + 10)

@@ -4,8 +4,10 @@ Requests may carry values in ``tensor_content`` or in the typed ``*_val``
 fields; responses are written with the typed fields, as TF Serving's
 ``Tensor::AsProtoField`` does.
 """
+import math
+
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from serving.errors import invalid_argument
 
@@ -65,17 +67,19 @@ def shape_of(proto: tensor_pb2.TensorProto, alias: str) -> tuple:
     return dims
 
 
-def to_numpy(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
-    """Decodes a request TensorProto (``alias`` only names it in errors)."""
+def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: tuple = None) -> np.ndarray:
+    """Decodes a request TensorProto (``alias`` only names it in errors;
+    ``shape``: ``shape_of(proto, alias)`` when the caller has it already)."""
     entry = _DTYPES.get(proto.dtype)
     if entry is None:
         raise invalid_argument(
             f"Input \"{alias}\": unsupported dtype {dtype_name(proto.dtype)}.")
     np_dtype, field = entry
-    shape = shape_of(proto, alias)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if shape is None:
+        shape = shape_of(proto, alias)
+    count = math.prod(shape)
     if proto.dtype == types_pb2.DT_STRING:
-        values = list(proto.string_val)
+        values = proto.string_val
         arr = np.empty(len(values), dtype=object)
         arr[:] = values
     elif proto.tensor_content:
@@ -102,12 +106,18 @@ def to_numpy(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
 def from_numpy(arr: np.ndarray, proto: tensor_pb2.TensorProto) -> tensor_pb2.TensorProto:
     """Writes ``arr`` into ``proto`` with typed value fields."""
     arr = np.asarray(arr)
-    proto.tensor_shape.CopyFrom(tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in arr.shape]))
+    dims = proto.tensor_shape.dim
+    for d in arr.shape:
+        dims.add(size=d)
     if arr.dtype == object or arr.dtype.kind in "SU":
         proto.dtype = types_pb2.DT_STRING
-        proto.string_val.extend(
-            v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel())
+        values = arr.ravel().tolist()
+        try:
+            proto.string_val.extend(values)   # all bytes: the common case
+        except TypeError:
+            del proto.string_val[:]
+            proto.string_val.extend(
+                v if isinstance(v, bytes) else str(v).encode() for v in values)
         return proto
     dtype = _NUMPY_TO_DTYPE.get(arr.dtype)
     if dtype is None:
