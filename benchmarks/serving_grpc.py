@@ -62,14 +62,25 @@ def load_queries(model_dir: Path, n: int) -> dict:
 
 
 def in_process(model_dir: Path, queries: dict, single: int, batch: int) -> dict:
+    """The SavedModel in this process, run the fastest way TF offers: a
+    ``CallableOptions`` session callable (feeds/fetches by SignatureDef tensor
+    names), as the server runs it, so only serving overhead separates them."""
+    from tensorflow.core.protobuf import config_pb2
+
+    from serving.servable import session_config  # the server's own session options
+
     graph = tf.Graph()
-    sess = tf.compat.v1.Session(graph=graph)
+    sess = tf.compat.v1.Session(graph=graph, config=session_config())
     meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(model_dir))
     sig = meta.signature_def["serving_default"]
-    fetch = [v.name for v in sig.outputs.values()]
+    aliases = sorted(sig.inputs)
+    options = config_pb2.CallableOptions()
+    options.feed.extend(sig.inputs[a].name for a in aliases)
+    options.fetch.extend(v.name for v in sig.outputs.values())
+    fn = sess._make_callable_from_options(options)  # pylint: disable=protected-access
 
     def run(s, e):
-        sess.run(fetch, {sig.inputs[k].name: v[s:e] for k, v in queries.items()})
+        fn(*[queries[a][s:e] for a in aliases])
 
     for i in range(10):
         run(i, i + 1)
