@@ -14,7 +14,7 @@ exportable) is kept under ``OUTPUT/<dataset>/<variant>/``.
     python benchmarks/toolkit_variants.py [--data ../shared/data/ml-100k] [--output DIR]
         [--datasets ml100k synthetic] [--variants listwise history ...] [--epochs N]
 
-One process, about 25 minutes on 2 shared cores for everything.
+One process, about 40 minutes on 2 shared cores for everything.
 """
 from __future__ import annotations
 
