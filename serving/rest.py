@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
@@ -24,6 +23,7 @@ from serving.errors import ServingError, from_exception, invalid_argument, unimp
 from serving.grpc_service import status_response
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.predict import SIGNATURE_DEF_FIELD
+from serving.loop_thread import LoopThreadServer
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +141,19 @@ class RestHandler:
         return json.dumps(doc, indent=1).encode()
 
 
-class RestServer:
+class RestServer(LoopThreadServer):
     """Runs an aiohttp server for a RestHandler on a background thread."""
+
+    thread_name = "rest-server"
 
     def __init__(self, handler: RestHandler, host: str, port: int, max_body_bytes: int,
                  workers: int = 16):
+        super().__init__()
         self._handler = handler
         self._host, self._port = host, port
         self._max_body = max_body_bytes
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rest")
-        self._loop = None
         self._runner = None
-        self._thread = None
-        self._started = threading.Event()
-        self._error = None
 
     async def _dispatch(self, request: web.Request) -> web.Response:
         path = request.raw_path.split("?", 1)[0]
@@ -183,26 +182,8 @@ class RestServer:
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
 
-    def _run(self):
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-            self._started.set()
-            return
-        self._started.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
-        self._loop.close()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="rest-server", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._error is not None:
-            raise self._error
+    async def _cleanup(self):
+        await self._runner.cleanup()
 
     def stop(self) -> None:
         """Stops accepting, lets in-flight requests finish, then stops the loop."""

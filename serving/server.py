@@ -21,6 +21,7 @@ from serving.predict import BlockingRunner, Predictor
 from serving.rest import RestHandler, RestServer
 from serving.servable import Servable, session_config
 from serving.warmup import run_warmup
+from serving.loop_thread import LoopThreadServer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def config_file_text(path: str) -> str:
         return f.read()
 
 
-class AioGrpcServer:
+class AioGrpcServer(LoopThreadServer):
     """A ``grpc.aio`` server on its own thread and event loop.
 
     ``add_fn(server)`` registers the services (on the loop thread).  Stopping
@@ -169,15 +170,14 @@ class AioGrpcServer:
     stops the loop.
     """
 
+    thread_name = "grpc-server"
+
     def __init__(self, add_fn, address: str, options=()):
+        super().__init__()
         self._add_fn = add_fn
         self.address = address
         self._options = list(options)
-        self._loop = None
         self._server = None
-        self._thread = None
-        self._started = threading.Event()
-        self._error = None
         self._stop_future = None
 
     async def _start(self):
@@ -186,27 +186,6 @@ class AioGrpcServer:
         if self._server.add_insecure_port(self.address) == 0:
             raise OSError(f"could not bind gRPC port {self.address}")
         await self._server.start()
-
-    def _run(self):
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-            self._started.set()
-            self._loop.close()
-            return
-        self._started.set()
-        self._loop.run_forever()
-        self._loop.close()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="grpc-server", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._error is not None:
-            raise self._error
 
     def begin_stop(self, grace: float) -> None:
         """Stops accepting new RPCs now; in-flight ones get ``grace`` seconds."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 
@@ -74,14 +75,19 @@ def features_of(table: pd.DataFrame, specs: Sequence[FeatureConfig],
     return {s.name: raw_column(table, s, table_name) for s in specs}
 
 
-def embed(tower: Tower, features: dict, batch_size: int = 4096) -> "np.ndarray":
-    """Run a tower over a dict of numpy columns in batches; returns [n, d] float32."""
-    import numpy as np
+def embed(tower: Tower, features: dict, batch_size: int = 4096) -> np.ndarray:
+    """Run a tower over a dict of numpy columns in batches; returns [n, d] float32.
 
+    The traced inference function is kept on the tower, so per-epoch
+    validation does not trace it again.
+    """
     n = len(next(iter(features.values())))
     out = []
-    call = tf.function(lambda f: tower(f, training=False),
-                       input_signature=[tower.input_signature])
+    call = getattr(tower, "_inference_fn", None)
+    if call is None:
+        call = tf.function(lambda f: tower(f, training=False),
+                           input_signature=[tower.input_signature])
+        object.__setattr__(tower, "_inference_fn", call)  # not tracked by Keras
     for start in range(0, n, batch_size):
         chunk = {k: v[start:start + batch_size] for k, v in features.items()}
         out.append(call(chunk).numpy())

@@ -7,7 +7,6 @@ with the same config and output directory resumes from its last epoch
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time

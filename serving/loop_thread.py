@@ -1,0 +1,46 @@
+"""An asyncio server living on its own daemon thread and event loop.
+
+Subclasses provide ``_start()`` (a coroutine that binds and starts serving)
+and, optionally, ``_cleanup()`` (run on the loop after it stops). ``start()``
+returns once the server is up and re-raises a failure to start in the caller.
+"""
+import asyncio
+import threading
+
+
+class LoopThreadServer:
+    thread_name = "server-loop"
+
+    def __init__(self):
+        self._loop = None
+        self._thread = None
+        self._started = threading.Event()
+        self._error = None
+
+    async def _start(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def _cleanup(self):
+        """Runs on the loop after it stopped; nothing by default."""
+
+    def _run(self):
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:  # noqa: BLE001 - re-raised by start()
+            self._error = exc
+            self._started.set()
+            self._loop.close()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._cleanup())
+        self._loop.close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
