@@ -1,4 +1,5 @@
 """Test harness: free ports, atomic version installs, a server subprocess with clients."""
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+from tensorflow_serving.apis import get_model_status_pb2
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,3 +107,33 @@ class Server:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_server(args, log_path):
+    """A started Server for the block; it must exit cleanly (code 0) afterwards."""
+    srv = Server(args, log_path)
+    try:
+        srv.wait_ready()
+    except Exception:
+        srv.terminate()
+        raise
+    yield srv
+    rc = srv.terminate()
+    assert rc == 0, f"server exit code {rc}:\n{srv.log()}"
+
+
+def statuses(models, name="m"):
+    """version -> ModelVersionStatus from GetModelStatus."""
+    req = get_model_status_pb2.GetModelStatusRequest()
+    req.model_spec.name = name
+    return {s.version: s for s in models.GetModelStatus(req, timeout=10).model_version_status}
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -22,7 +22,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from serving import client_cli
 from serving.client import (FeatureError, Recommendation, RetrievalClient, ServingError,
                             TowerClient)
-from serving_harness import Server, free_port
+from serving_harness import running_server, free_port
 
 TRANSPORTS = ("grpc", "rest")
 
@@ -36,16 +36,11 @@ def server(exported, tmp_path_factory):
         f'  config {{ name: "{m}" base_path: "{base / m}" model_platform: "tensorflow" }}\n'
         for m in ("retrieval", "retrieval_exact", "query_tower")) + "}\n")
     monitoring = Path(__file__).resolve().parents[2] / "deploy" / "monitoring.config"
-    srv = Server([f"--model_config_file={config}", "--enable_batching",
-                  f"--monitoring_config_file={monitoring}",
-                  "--file_system_poll_wait_seconds=0"], str(tmp / "server.log"))
-    try:
-        srv.wait_ready()
-    except Exception:
-        srv.terminate()
-        raise
-    yield srv
-    assert srv.terminate() == 0, srv.log()
+    with running_server([f"--model_config_file={config}", "--enable_batching",
+                         f"--monitoring_config_file={monitoring}",
+                         "--file_system_poll_wait_seconds=0"],
+                        str(tmp / "server.log")) as srv:
+        yield srv
 
 
 def target(server, transport):

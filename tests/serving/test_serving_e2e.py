@@ -24,7 +24,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving_harness import Server
+from serving_harness import running_server, statuses, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -53,18 +53,12 @@ def server(model_base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e-server")
     config_file = tmp / "models.config"
     config_file.write_text(text_format.MessageToString(cfg))
-    srv = Server([f"--model_config_file={config_file}",
-                  f"--batching_parameters_file={DEPLOY / 'batching.config'}",
-                  f"--monitoring_config_file={DEPLOY / 'monitoring.config'}",
-                  "--file_system_poll_wait_seconds=0.3"], str(tmp / "server.log"))
-    try:
-        srv.wait_ready()
-    except Exception:
-        srv.terminate()
-        raise
-    yield srv
-    rc = srv.terminate()
-    assert rc == 0, f"server exit code {rc}:\n{srv.log()}"
+    with running_server([f"--model_config_file={config_file}",
+                         f"--batching_parameters_file={DEPLOY / 'batching.config'}",
+                         f"--monitoring_config_file={DEPLOY / 'monitoring.config'}",
+                         "--file_system_poll_wait_seconds=0.3"],
+                        str(tmp / "server.log")) as srv:
+        yield srv
 
 
 def _spec(tiny_run):
@@ -137,21 +131,6 @@ def assert_retrieval_equal(ids, scores, ref):
                                   ref["item_ids"].astype(bytes))
     np.testing.assert_allclose(np.asarray(scores, dtype=np.float32), ref["scores"],
                                rtol=1e-5, atol=1e-6)
-
-
-def statuses(models, name):
-    req = get_model_status_pb2.GetModelStatusRequest()
-    req.model_spec.name = name
-    return {s.version: s for s in models.GetModelStatus(req, timeout=10).model_version_status}
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --------------------------------------------------------------------------- tests

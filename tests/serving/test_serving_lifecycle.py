@@ -2,7 +2,6 @@
 import os
 import signal
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -11,7 +10,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, predict_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving_harness import install_version
+from serving_harness import install_version, statuses, wait_for
 from serving_models import write_warmup
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -23,21 +22,6 @@ def predict_request(name="m"):
     req.inputs["user_id"].CopyFrom(tf.make_tensor_proto(["u1"]))
     req.inputs["age"].CopyFrom(tf.make_tensor_proto([30.0], tf.float32))
     return req
-
-
-def statuses(models, name="m"):
-    req = get_model_status_pb2.GetModelStatusRequest()
-    req.model_spec.name = name
-    return {s.version: s for s in models.GetModelStatus(req, timeout=10).model_version_status}
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_hot_swap_and_failed_version(start_server, templates, tmp_path):
