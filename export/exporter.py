@@ -27,7 +27,7 @@ from export.scann_tuning import ScannParams, TuningResult, escalate, exact_top_k
 from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_index,
                                    scann_index, tower_module)
 from export.verify import (ExportCheckError, check_close, check_exact_retrieval, recall,
-                           run_with_session)
+                           SessionModel, run_with_session)
 from export.versioning import StagedVersion, next_version
 from export.warmup import write_warmup_requests
 
@@ -194,45 +194,44 @@ def _seen_matrix(ctx: _Context, k: int, rows: int) -> np.ndarray:
 
 
 def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -> dict:
-    """Session-run the staged model; exact must match numpy, ScaNN reach the recall."""
-    got = run_with_session(out, ctx.user_inputs, batch_size=32)
-    truth_rows = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
-    truth_ids = ctx.catalog_ids[truth_rows]
-    if exact:
-        check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb, truth_rows,
-                              ctx.catalog_ids, ctx.catalog_emb)
+    """Session-run the staged model; exact must match numpy, ScaNN reach the recall.
+
+    The model is loaded once for all checks and the latency probe.
+    """
+    with SessionModel(out) as model:
+        got = model.run(ctx.user_inputs, batch_size=32)
+        truth_rows = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
+        truth_ids = ctx.catalog_ids[truth_rows]
         measured = recall(got["item_ids"], truth_ids)
-    else:
-        measured = recall(got["item_ids"], truth_ids)
-        if measured < ctx.options.recall_target:
+        if exact:
+            check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb, truth_rows,
+                                  ctx.catalog_ids, ctx.catalog_emb)
+        elif measured < ctx.options.recall_target:
             raise _RecallTooLow(
                 f"retrieval: ScaNN recall@{k} {measured:.4f} is below the target "
                 f"{ctx.options.recall_target} on {len(truth_ids)} sampled queries")
-    # exclusion: the best exact item of each probe user must disappear
-    probe = _head(ctx.user_inputs, 4)
-    top1 = np.asarray(truth_ids[:4, :1], dtype=object)
-    excl = run_with_session(out, {**probe, SEEN_INPUT: top1}, "retrieve_excluding")
-    for row, seen in zip(excl["item_ids"].astype(str), top1.astype(str)):
-        if seen[0] in set(row):
-            raise ExportCheckError(f"{name}: retrieve_excluding returned the excluded "
-                                   f"item {seen[0]}")
-    return {f"recall@{k}_vs_exact": round(measured, 4),
-            "latency": _latency(out, ctx.user_inputs)}
+        # exclusion: the best exact item of each probe user must disappear
+        probe = _head(ctx.user_inputs, 4)
+        top1 = np.asarray(truth_ids[:4, :1], dtype=object)
+        excl = model.run({**probe, SEEN_INPUT: top1}, "retrieve_excluding")
+        for row, seen in zip(excl["item_ids"].astype(str), top1.astype(str)):
+            if seen[0] in set(row):
+                raise ExportCheckError(f"{name}: retrieve_excluding returned the excluded "
+                                       f"item {seen[0]}")
+        return {f"recall@{k}_vs_exact": round(measured, 4),
+                "latency": _latency(model, ctx.user_inputs)}
 
 
-def _latency(out: Path, inputs: dict, n: int = 50) -> dict:
-    """p50/p99 single-query latency (ms) through a session, as the server runs it."""
-    graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as sess:
-        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(out))
-        sig = meta.signature_def["serving_default"]
-        fetch = [v.name for v in sig.outputs.values()]
-        times = []
-        for i in range(min(n, len(next(iter(inputs.values()))))):
-            feed = {sig.inputs[a].name: v[i:i + 1] for a, v in inputs.items()}
-            t = time.perf_counter()
-            sess.run(fetch, feed)
-            times.append((time.perf_counter() - t) * 1000)
+def _latency(model: SessionModel, inputs: dict, n: int = 50) -> dict:
+    """p50/p99 single-query latency (ms) through the session, as the server runs it."""
+    sig = model.signatures["serving_default"]
+    fetch = [v.name for v in sig.outputs.values()]
+    times = []
+    for i in range(min(n, len(next(iter(inputs.values()))))):
+        feed = {sig.inputs[a].name: v[i:i + 1] for a, v in inputs.items()}
+        t = time.perf_counter()
+        model.session.run(fetch, feed)
+        times.append((time.perf_counter() - t) * 1000)
     times = times[1:] or times
     return {"p50_ms": round(float(np.percentile(times, 50)), 3),
             "p99_ms": round(float(np.percentile(times, 99)), 3)}

@@ -19,30 +19,48 @@ class ExportCheckError(RuntimeError):
     """An exported model that does not behave as the towers it came from."""
 
 
-def run_with_session(export_dir: Path, inputs: dict[str, np.ndarray],
-                     signature: str = "serving_default",
-                     batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Load with tf.compat.v1 loader in a fresh graph and run one signature.
+class SessionModel:
+    """A SavedModel loaded with the tf.compat.v1 loader in its own graph, as TF
+    Serving loads it; run by SignatureDef tensor names. Use as a context
+    manager (closes the session)."""
 
-    Runs ``batch_size`` rows at a time (exact retrieval over a large catalog
-    materialises [batch, catalog] scores) and concatenates the outputs.
-    """
-    graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as sess:
-        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(export_dir))
-        if signature not in meta.signature_def:
-            raise ExportCheckError(f"{export_dir}: no signature {signature!r}")
-        sig = meta.signature_def[signature]
+    def __init__(self, export_dir: Path):
+        self.export_dir = export_dir
+        self.session = tf.compat.v1.Session(graph=tf.Graph())
+        self.signatures = tf.compat.v1.saved_model.loader.load(
+            self.session, ["serve"], str(export_dir)).signature_def
+
+    def __enter__(self) -> "SessionModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session.close()
+
+    def run(self, inputs: dict[str, np.ndarray], signature: str = "serving_default",
+            batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Run ``batch_size`` rows at a time (exact retrieval over a large catalog
+        materialises [batch, catalog] scores) and concatenate the outputs."""
+        if signature not in self.signatures:
+            raise ExportCheckError(f"{self.export_dir}: no signature {signature!r}")
+        sig = self.signatures[signature]
         missing = set(sig.inputs) - set(inputs)
         if missing:
-            raise ExportCheckError(f"{export_dir}: signature {signature} needs inputs "
+            raise ExportCheckError(f"{self.export_dir}: signature {signature} needs inputs "
                                    f"{sorted(missing)}")
         fetch = {k: v.name for k, v in sig.outputs.items()}
         n = len(next(iter(inputs.values())))
-        parts = [sess.run(fetch, feed_dict={sig.inputs[k].name: v[s:s + batch_size]
-                                            for k, v in inputs.items()})
+        parts = [self.session.run(fetch, feed_dict={sig.inputs[k].name: v[s:s + batch_size]
+                                                    for k, v in inputs.items()})
                  for s in range(0, n, batch_size)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in fetch}
+        return {k: np.concatenate([p[k] for p in parts]) for k in fetch}
+
+
+def run_with_session(export_dir: Path, inputs: dict[str, np.ndarray],
+                     signature: str = "serving_default",
+                     batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Load ``export_dir`` and run one signature once (see SessionModel)."""
+    with SessionModel(export_dir) as model:
+        return model.run(inputs, signature, batch_size)
 
 
 def check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = 1e-5) -> None:
