@@ -101,3 +101,44 @@ def test_json_single_input_plain_list_and_errors():
 
 def test_truncate():
     assert len(truncate("x" * 5000)) == 1024
+
+
+def test_manager_freezes_loaded_versions_and_reclaims_unloaded_ones(tmp_path):
+    """Loaded versions leave the GC's reach; an unloaded one's cycles are freed."""
+    import gc
+    import weakref
+
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from serving.manager import ServableManager
+
+    class CyclicServable:   # like a tf.Graph: objects that reference each other
+        def __init__(self):
+            self.me = self
+
+        def close(self):
+            pass
+
+    loaded = {}
+
+    def load(name, version, path):
+        loaded[version] = weakref.ref(servable := CyclicServable())
+        return servable
+
+    for v in (1, 2):
+        (tmp_path / str(v)).mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"x")
+    config = model_server_config_pb2.ModelConfigList()
+    config.config.add(name="m", base_path=str(tmp_path), model_platform="tensorflow")
+    manager = ServableManager(load, poll_seconds=0)
+    try:
+        manager.set_config(config)
+        manager.poll_once()
+        assert gc.get_freeze_count() > 0
+        (tmp_path / "2" / "saved_model.pb").write_bytes(b"x")
+        manager.poll_once()   # loads 2, then unloads 1
+        assert [v for v, _, _ in manager.status("m")] == [2, 1]
+        assert loaded[1]() is None and loaded[2]() is not None
+    finally:
+        manager.unload_all()
+        gc.unfreeze()
