@@ -17,7 +17,10 @@ Served answers are checked against the in-process ones before timing.
 
 This machine is shared and noisy, so the two target comparisons are measured
 in interleaved rounds (in-process, then served, then in-process, ...) and
-the medians over rounds are reported.
+the medians over rounds are reported. For the latency target the server and the
+in-process model run pinned to the last core and the load generator to the
+other(s), as a remote client would (``--no-pin`` to share all cores); the
+unpinned figure is reported beside it.
 Targets (issue 4): at concurrency 1 the server adds <= 1 ms to the in-process
 p50; with batching at concurrency 32 it reaches >= 80 % of the in-process
 batched throughput.
@@ -105,13 +108,20 @@ class InProcess:
         values = self._fn(*[self._queries[a][start:stop] for a in self._aliases])
         return dict(zip(self.outputs, values))
 
-    def single(self, n: int) -> dict:
-        """p50/p99 ms of ``n`` back-to-back single-query calls."""
+    def single(self, n: int, cpus: set | None = None) -> dict:
+        """p50/p99 ms of ``n`` back-to-back single-query calls, on ``cpus`` if
+        given (the session runs on the calling thread, which is pinned)."""
         times = []
-        for i in range(n):
-            t = time.perf_counter()
-            self.run(i % self._rows, i % self._rows + 1)
-            times.append((time.perf_counter() - t) * 1000)
+        before = os.sched_getaffinity(0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        try:
+            for i in range(n):
+                t = time.perf_counter()
+                self.run(i % self._rows, i % self._rows + 1)
+                times.append((time.perf_counter() - t) * 1000)
+        finally:
+            os.sched_setaffinity(0, before)
         return {"p50_ms": float(np.percentile(times, 50)),
                 "p99_ms": float(np.percentile(times, 99))}
 
@@ -166,11 +176,13 @@ def build_loadgen(work: Path) -> Path | None:
 
 
 def drive_native(binary: Path, port: int, records: Path, concurrency: int,
-                 seconds: float) -> dict:
-    """Closed-loop load from the C++ generator (1 s warm-up, not counted)."""
+                 seconds: float, cpus: set | None = None) -> dict:
+    """Closed-loop load from the C++ generator (1 s warm-up, not counted),
+    on ``cpus`` if given."""
     out = subprocess.run([str(binary), f"127.0.0.1:{port}", PREDICT, str(records),
                           str(concurrency), str(seconds), "1"],
-                         check=True, capture_output=True, text=True, timeout=seconds + 120)
+                         check=True, capture_output=True, text=True, timeout=seconds + 120,
+                         preexec_fn=pin_to(cpus))
     r = json.loads(out.stdout)
     return {"p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "qps": r["qps"],
             "errors": r["error_count"]}
@@ -225,15 +237,22 @@ def check_answers(port: int, reqs: list, local: InProcess, n: int = 20) -> None:
                                        want["scores"].ravel(), rtol=1e-5, atol=1e-6)
 
 
+def pin_to(cpus: set | None):
+    """A Popen ``preexec_fn`` that pins the child to ``cpus`` (None: no pinning)."""
+    return None if not cpus else (lambda: os.sched_setaffinity(0, cpus))
+
+
 def start_server(base: Path, port: int, batching_file: Path | None,
-                 log_path: Path) -> subprocess.Popen:
-    """``python -m serving`` on ``port``, returned once the model is AVAILABLE."""
+                 log_path: Path, cpus: set | None = None) -> subprocess.Popen:
+    """``python -m serving`` on ``port`` (pinned to ``cpus`` if given), returned
+    once the model is AVAILABLE."""
     cmd = [sys.executable, "-m", "serving", f"--port={port}", "--rest_api_port=0",
            f"--model_name={MODEL}", f"--model_base_path={base / MODEL}"]
     if batching_file is not None:
         cmd += ["--enable_batching", f"--batching_parameters_file={batching_file}"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=pin_to(cpus))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = model_service_pb2_grpc.ModelServiceStub(channel)
     deadline = time.time() + 600
@@ -280,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-timeout-micros", type=int, default=1000)
     p.add_argument("--client", choices=("auto", "native", "python"), default="auto",
                    help="load generator: the C++ one (auto: when it can be built) or grpc.aio")
+    p.add_argument("--no-pin", action="store_true",
+                   help="latency target without CPU pinning (default: the server and the "
+                        "in-process model on the last core, the load generator on the others)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     work = Path(args.output or tempfile.mkdtemp(prefix="bench-serving-"))
@@ -304,9 +326,13 @@ def main(argv=None) -> int:
     client = "C++ grpc_loadgen" if loadgen else "Python grpc.aio"
     print(f"load generator: {client}", flush=True)
 
-    def drive(port, conc):
+    cores = sorted(os.sched_getaffinity(0))
+    pin = loadgen is not None and not args.no_pin and len(cores) >= 2
+    server_cpus, client_cpus = ({cores[-1]}, set(cores[:-1])) if pin else (None, None)
+
+    def drive(port, conc, cpus=None):
         if loadgen is not None:
-            return drive_native(loadgen, port, records, conc, args.seconds)
+            return drive_native(loadgen, port, records, conc, args.seconds, cpus)
         return asyncio.run(drive_python(port, reqs, conc, args.seconds))
 
     batching = work / "batching.config"
@@ -315,15 +341,21 @@ def main(argv=None) -> int:
                         "num_batch_threads { value: 2 }\n"
                         "max_enqueued_batches { value: 1000 }\n")
     local = InProcess(model_dir, queries)
-    ports = {"no batching": free_port(), "batching": free_port()}
+    # "no batching, pinned": the latency target's server, alone on the last core
+    # with the client on the others, as a remote client would be; the
+    # in-process model it is compared with runs on that same core.
+    labels = ["no batching", "batching"] + (["no batching, pinned"] if pin else [])
+    ports = {label: free_port() for label in labels}
     procs = {label: start_server(base, port, batching if label == "batching" else None,
-                                 work / f"server-{label.replace(' ', '-')}.log")
+                                 work / f"server-{label.replace(' ', '-').replace(',', '')}.log",
+                                 server_cpus if label.endswith("pinned") else None)
              for label, port in ports.items()}
+    c1_server = "no batching, pinned" if pin else "no batching"
     rows = []
     try:
         for label, port in ports.items():
             check_answers(port, reqs, local)
-        print("served answers equal in-process answers (20 requests, both servers)", flush=True)
+        print("served answers equal in-process answers (20 requests, every server)", flush=True)
         for label, port in ports.items():   # warm both servers
             drive(port, 8)
 
@@ -333,12 +365,16 @@ def main(argv=None) -> int:
                   f"QPS {r['qps']:.0f}, errors {r['errors']}", flush=True)
 
         # Target 1, interleaved: in-process single query vs served at concurrency 1.
-        singles, served_c1 = [], []
+        singles, served_c1, unpinned_c1 = [], [], []
         for _ in range(args.rounds):
-            singles.append(local.single(300))
-            served_c1.append(drive(ports["no batching"], 1))
-            print(f"round: in-process p50 {singles[-1]['p50_ms']:.2f} ms | served c=1 p50 "
-                  f"{served_c1[-1]['p50_ms']:.2f} ms", flush=True)
+            singles.append(local.single(300, server_cpus))
+            served_c1.append(drive(ports[c1_server], 1, client_cpus))
+            line = (f"round: in-process p50 {singles[-1]['p50_ms']:.2f} ms | served c=1 p50 "
+                    f"{served_c1[-1]['p50_ms']:.2f} ms")
+            if pin:
+                unpinned_c1.append(drive(ports["no batching"], 1))
+                line += f" | unpinned c=1 p50 {unpinned_c1[-1]['p50_ms']:.2f} ms"
+            print(line, flush=True)
         # Target 2, interleaved: in-process batched vs served with batching at 32.
         batched, served_c32 = [], []
         for _ in range(args.rounds):
@@ -346,7 +382,9 @@ def main(argv=None) -> int:
             served_c32.append(drive(ports["batching"], 32))
             print(f"round: in-process batch-{args.batch} QPS {batched[-1]:.0f} | served "
                   f"batching c=32 QPS {served_c32[-1]['qps']:.0f}", flush=True)
-        record("no batching", 1, median_row(served_c1))
+        record(c1_server, 1, median_row(served_c1))
+        if pin:
+            record("no batching", 1, median_row(unpinned_c1))
         for conc in (8, 32):
             record("no batching", conc, drive(ports["no batching"], conc))
         for conc in (1, 8):
@@ -360,6 +398,8 @@ def main(argv=None) -> int:
         local.close()
 
     single = {k: float(np.median([s[k] for s in singles])) for k in ("p50_ms", "p99_ms")}
+    where = (f" (server and in-process model on CPU {cores[-1]}, client on CPU "
+             f"{','.join(map(str, cores[:-1]))})" if pin else "")
     batched_qps = float(np.median(batched))
     table = ["| path | concurrency | p50 ms | p99 ms | QPS | errors |", "|---|---|---|---|---|---|",
              f"| in-process, single query | 1 | {single['p50_ms']:.2f} | {single['p99_ms']:.2f} | "
@@ -371,12 +411,16 @@ def main(argv=None) -> int:
     shares = [s["qps"] / b for s, b in zip(served_c32, batched)]
     added_med, share_med = float(np.median(added)), float(np.median(shares))
     verdict = (f"Targets (medians over {args.rounds} interleaved rounds): the server adds "
-               f"{added_med:.2f} ms to the in-process p50 at concurrency 1 (per round: "
+               f"{added_med:.2f} ms to the in-process p50 at concurrency 1{where} (per round: "
                f"{', '.join(f'{a:.2f}' for a in added)}; <= 1 ms: "
                f"{'met' if added_med <= 1 else 'MISSED'}); batching at concurrency 32 reaches "
                f"{share_med:.0%} of in-process batched QPS (per round: "
                f"{', '.join(f'{s:.0%}' for s in shares)}; >= 80%: "
                f"{'met' if share_med >= 0.8 else 'MISSED'}).")
+    if pin:
+        unpinned = [u["p50_ms"] - l["p50_ms"] for u, l in zip(unpinned_c1, singles)]
+        verdict += (f" Unpinned, with the client on the same cores, the server adds "
+                    f"{np.median(unpinned):.2f} ms.")
     text = "\n".join([f"# Serving {MODEL} ({catalog:,} items) through gRPC vs in-process", "",
                       f"Load generator: {client}; {args.seconds:g} s per measurement; "
                       f"batching: max_batch_size {args.batch}, batch_timeout_micros "
@@ -385,8 +429,8 @@ def main(argv=None) -> int:
     print("\n" + text)
     (work / "results.md").write_text(text)
     (work / "results.json").write_text(json.dumps(
-        {"client": client, "in_process_single": singles, "in_process_batched_qps": batched,
-         "served_c1": served_c1, "served_batching_c32": served_c32, "served": rows,
+        {"client": client, "pinned": pin, "in_process_single": singles,
+         "in_process_batched_qps": batched, "served_c1": served_c1, "unpinned_c1": unpinned_c1, "served_batching_c32": served_c32, "served": rows,
          "added_ms": added, "batched_share": shares}, indent=2))
     print(f"written to {work}")
     return 0
