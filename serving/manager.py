@@ -196,7 +196,7 @@ class ServableManager:
         log.info("Successfully loaded servable version {name: %s version: %d} in %.2fs",
                  entry.name, version, time.monotonic() - started)
 
-    def _unload(self, entry: ModelEntry, versions: set) -> None:
+    def _unload(self, entry: ModelEntry, versions: set, reclaim: bool = True) -> None:
         unloaded = False
         for v in sorted(versions):
             with self._lock:
@@ -213,7 +213,7 @@ class ServableManager:
             log.info("Unloaded servable version {name: %s version: %d}", entry.name, v)
             unloaded = True
             del servable   # the last reference: let reclaim_frozen() free it
-        if unloaded:
+        if unloaded and reclaim:
             reclaim_frozen()
 
     # -- waiting -------------------------------------------------------------
@@ -247,8 +247,8 @@ class ServableManager:
     def unload_all(self) -> None:
         with self._lock:
             entries = list(self._models.values())
-        for entry in entries:
-            self._unload(entry, set(entry.versions))
+        for entry in entries:   # shutting down: no collection needed
+            self._unload(entry, set(entry.versions), reclaim=False)
 
     # -- request path --------------------------------------------------------
     def _entry(self, name: str) -> ModelEntry:
