@@ -177,3 +177,21 @@ def test_bad_run_dir_is_named(tmp_path):
 
     with pytest.raises(RunError, match="towers/query/saved_model.pb: missing"):
         export_run(tmp_path, tmp_path / "models")
+
+
+def test_scann_tuning_meets_recall_and_sweeps_both_ah_block_sizes():
+    """The sweep covers 2- and 1-dim AH blocks and returns a setting whose recall
+    on the sampled queries reaches the target (+ margin)."""
+    from export.scann_tuning import tune
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, 16))
+    items = centers[rng.integers(0, 40, 5000)] + 0.3 * rng.normal(size=(5000, 16))
+    items = (items / np.linalg.norm(items, axis=1, keepdims=True)).astype(np.float32)
+    queries = items[rng.integers(0, 5000, 200)] + 0.1 * rng.normal(size=(200, 16))
+    result = tune(items, queries.astype(np.float32), k=10, recall_target=0.9)
+    assert {t["dimensions_per_block"] for t in result.trials} == {1, 2}
+    assert result.recall >= 0.91
+    assert result.params.dimensions_per_block in (1, 2)
+    chosen = [t for t in result.trials if t["recall"] >= 0.91]
+    assert result.p50_ms == min(t["p50_ms"] for t in chosen)
