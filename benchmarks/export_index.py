@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         speedup = m["exact"]["p50_ms"] / m["scann"]["p50_ms"]
         lines.append(
             f"| {size:,} | {export_s:.0f} | leaves {params['num_leaves']}/"
-            f"{params['num_leaves_to_search']}, reorder {params['num_reordering_candidates']}"
+            f"{params['num_leaves_to_search']}, reorder {params['num_reordering_candidates']}, "
+            f"AH {params['dimensions_per_block']}-dim"
             f" | {r:.3f} | {m['scann']['p50_ms']:.2f} | {m['exact']['p50_ms']:.2f} | "
             f"{speedup:.1f}x | {m['scann']['p99_ms']:.2f} | {m['exact']['p99_ms']:.2f} | "
             f"{m['scann']['qps']:.0f} | {m['exact']['qps']:.0f} |")
