@@ -80,33 +80,26 @@ def load_queries(model_dir: Path, n: int) -> dict:
 
 
 class InProcess:
-    """The SavedModel in this process, run the fastest way TF offers: a
-    ``CallableOptions`` session callable (feeds/fetches by SignatureDef tensor
-    names) with the server's own session options, as the server runs it, so
-    only serving overhead separates the two."""
+    """The SavedModel in this process, loaded and run by the server's own
+    :class:`~serving.servable.Servable` (session with the server's options, a
+    ``CallableOptions`` callable by SignatureDef tensor names), so only the
+    serving path separates the two."""
 
     def __init__(self, model_dir: Path, queries: dict):
-        from tensorflow.core.protobuf import config_pb2
+        from serving.servable import Servable, session_config
 
-        from serving.servable import session_config
-
-        self._sess = tf.compat.v1.Session(graph=tf.Graph(), config=session_config())
-        meta = tf.compat.v1.saved_model.loader.load(self._sess, ["serve"], str(model_dir))
-        sig = meta.signature_def["serving_default"]
-        self._aliases = sorted(sig.inputs)
-        self.outputs = list(sig.outputs)
-        options = config_pb2.CallableOptions()
-        options.feed.extend(sig.inputs[a].name for a in self._aliases)
-        options.fetch.extend(sig.outputs[o].name for o in self.outputs)
-        self._fn = self._sess._make_callable_from_options(options)  # pylint: disable=W0212
+        self._servable = Servable(MODEL, int(model_dir.name), str(model_dir),
+                                  session_config()).load()
+        self._signature = self._servable.signatures["serving_default"]
         self._queries = queries
         self._rows = len(next(iter(queries.values())))
         for i in range(10):
             self.run(i, i + 1)
 
     def run(self, start: int, stop: int) -> dict:
-        values = self._fn(*[self._queries[a][start:stop] for a in self._aliases])
-        return dict(zip(self.outputs, values))
+        sig = self._signature
+        return self._servable.run(sig, {a: v[start:stop] for a, v in self._queries.items()},
+                                  tuple(sig.output_aliases))
 
     def single(self, n: int, cpus: set | None = None) -> dict:
         """p50/p99 ms of ``n`` back-to-back single-query calls, on ``cpus`` if
@@ -136,7 +129,7 @@ class InProcess:
         return reps * batch / (time.perf_counter() - t)
 
     def close(self) -> None:
-        self._sess.close()
+        self._servable.close()
 
 
 def requests_for(queries: dict, n: int) -> list:

@@ -89,23 +89,15 @@ def tune(items: np.ndarray, queries: np.ndarray, k: int, recall_target: float = 
         searcher = (scann_ops.builder(items, k, "dot_product")
                     .tree(num_leaves=num_leaves, num_leaves_to_search=num_leaves,
                           training_sample_size=min(n, 100_000))
-                    .score_ah(dims_per_block)  # as tfrs.layers.factorized_top_k.ScaNN builds it
+                    .score_ah(dims_per_block)  # as tfrs.layers.factorized_top_k.ScaNN does
                     .reorder(reorder_grid[-1]).build())
         for leaves in _leaf_grid(num_leaves):
             for reorder in reorder_grid:
-                idx, _ = searcher.search_batched(q, k, reorder, leaves)
-                recall = recall_at_k(idx.numpy(), truth)
-                p50 = _p50_ms(lambda x: searcher.search(x, k, reorder, leaves), single)
-                t = time.perf_counter()
-                searcher.search_batched(q, k, reorder, leaves)
-                batched = (time.perf_counter() - t) * 1000 / len(queries)
                 trial = {"dimensions_per_block": dims_per_block,
-                         "num_leaves_to_search": leaves, "num_reordering_candidates": reorder,
-                         "recall": round(recall, 4), "p50_ms": round(p50, 4),
-                         "batched_ms_per_query": round(batched, 4)}
+                         **_trial(searcher, q, single, truth, k, leaves, reorder)}
                 trials.append(trial)
-                if recall >= min(1.0, recall_target + margin) and (
-                        best is None or p50 < best["p50_ms"]):
+                if trial["recall"] >= min(1.0, recall_target + margin) and (
+                        best is None or trial["p50_ms"] < best["p50_ms"]):
                     best = trial
             if best is not None and best["num_leaves_to_search"] < leaves:
                 break  # more leaves only cost time once the target is met
@@ -115,6 +107,19 @@ def tune(items: np.ndarray, queries: np.ndarray, k: int, recall_target: float = 
                          best["num_reordering_candidates"], best["dimensions_per_block"])
     return TuningResult(params, best["recall"], best["p50_ms"], best["batched_ms_per_query"],
                         trials)
+
+
+def _trial(searcher, q, single, truth, k: int, leaves: int, reorder: int) -> dict:
+    """Recall, single-query p50 and batched cost of one query-time setting."""
+    idx, _ = searcher.search_batched(q, k, reorder, leaves)
+    recall = recall_at_k(idx.numpy(), truth)
+    p50 = _p50_ms(lambda x: searcher.search(x, k, reorder, leaves), single)
+    t = time.perf_counter()
+    searcher.search_batched(q, k, reorder, leaves)
+    batched = (time.perf_counter() - t) * 1000 / len(truth)
+    return {"num_leaves_to_search": leaves, "num_reordering_candidates": reorder,
+            "recall": round(recall, 4), "p50_ms": round(p50, 4),
+            "batched_ms_per_query": round(batched, 4)}
 
 
 def _p50_ms(fn, inputs) -> float:
