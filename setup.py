@@ -34,6 +34,8 @@ setup(
         "matplotlib>=3.8",
         "grpcio>=1.60",
         "aiohttp>=3.9",
+        # the front ends' event loop (serving.loop_thread); not built for Windows
+        "uvloop>=0.19; sys_platform != 'win32'",
         "prometheus-client>=0.19",
     ],
     extras_require={

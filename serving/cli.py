@@ -11,6 +11,7 @@ import threading
 
 from serving import config as config_io
 from serving.batching import BatchingOptions
+from serving.loop_thread import EVENT_LOOPS
 
 MiB = 1 << 20
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
                    help="ops run in parallel per session run; 0 = in the calling thread "
                         "(the server runs requests on its own threads)")
+    p.add_argument("--event_loop", choices=EVENT_LOOPS, default="auto",
+                   help="event loop of the gRPC and REST front ends: uvloop (about a third "
+                        "less CPU per request), asyncio, or auto = uvloop when installed")
     p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
     return p
 
@@ -90,7 +94,8 @@ def options_from_args(args):
         max_request_bytes=args.max_request_size_bytes,
         grpc_max_threads=args.grpc_max_threads,
         intra_op_parallelism=args.tensorflow_intra_op_parallelism,
-        inter_op_parallelism=args.tensorflow_inter_op_parallelism)
+        inter_op_parallelism=args.tensorflow_inter_op_parallelism,
+        event_loop=args.event_loop)
 
 
 def main(argv=None) -> int:

@@ -147,8 +147,8 @@ class RestServer(LoopThreadServer):
     thread_name = "rest-server"
 
     def __init__(self, handler: RestHandler, host: str, port: int, max_body_bytes: int,
-                 workers: int = 16):
-        super().__init__()
+                 workers: int = 16, event_loop: str = "auto"):
+        super().__init__(event_loop)
         self._handler = handler
         self._host, self._port = host, port
         self._max_body = max_body_bytes

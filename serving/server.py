@@ -43,6 +43,7 @@ class ServerOptions:
     intra_op_parallelism: int = 0
     inter_op_parallelism: int = 0
     startup_timeout_seconds: float = None
+    event_loop: str = "auto"                  # see serving.loop_thread.new_event_loop
 
 
 class ModelServer:
@@ -108,7 +109,8 @@ class ModelServer:
             f"{opts.host}:{opts.port}",
             options=[("grpc.max_receive_message_length", opts.max_request_bytes),
                      ("grpc.max_send_message_length", -1),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0)],
+            event_loop=opts.event_loop)
         self._grpc.start()
         log.info("Running gRPC ModelServer at %s ...", self._grpc.address)
 
@@ -118,7 +120,7 @@ class ModelServer:
         handler = RestHandler(self.predictor, self.manager, self.metrics,
                               prom.path if prom is not None and prom.enable else None)
         self._rest = RestServer(handler, opts.host, opts.rest_api_port,
-                                opts.max_request_bytes)
+                                opts.max_request_bytes, event_loop=opts.event_loop)
         self._rest.start()
         log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, opts.rest_api_port)
 
@@ -172,8 +174,8 @@ class AioGrpcServer(LoopThreadServer):
 
     thread_name = "grpc-server"
 
-    def __init__(self, add_fn, address: str, options=()):
-        super().__init__()
+    def __init__(self, add_fn, address: str, options=(), event_loop: str = "auto"):
+        super().__init__(event_loop)
         self._add_fn = add_fn
         self.address = address
         self._options = list(options)

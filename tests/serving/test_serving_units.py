@@ -142,3 +142,22 @@ def test_manager_freezes_loaded_versions_and_reclaims_unloaded_ones(tmp_path):
     finally:
         manager.unload_all()
         gc.unfreeze()
+
+
+def test_event_loop_choice():
+    import asyncio
+
+    from serving.loop_thread import new_event_loop
+
+    uvloop = pytest.importorskip("uvloop")
+    for kind, expected in (("auto", uvloop.Loop), ("uvloop", uvloop.Loop),
+                           ("asyncio", asyncio.BaseEventLoop)):
+        loop = new_event_loop(kind)
+        try:
+            assert isinstance(loop, expected), kind
+            assert (kind == "asyncio") != isinstance(loop, uvloop.Loop)
+            assert loop.run_until_complete(asyncio.sleep(0, result=kind)) == kind
+        finally:
+            loop.close()
+    with pytest.raises(ValueError, match="event loop must be one of"):
+        new_event_loop("trio")
