@@ -16,8 +16,9 @@ it (or with ``--client python``) a closed-loop ``grpc.aio`` client is used.
 Served answers are checked against the in-process ones before timing.
 
 This machine is shared and noisy, so the two target comparisons are measured
-in interleaved rounds (in-process, then served, then in-process, ...) and
-the medians over rounds are reported. For the latency target the server and the
+in interleaved rounds (in-process, then served, then in-process, ...): each
+served figure is compared with the mean of the in-process figures measured
+just before and just after it, and the medians over rounds are reported. For the latency target the server and the
 in-process model run pinned to the last core and the load generator to the
 other(s), as a remote client would (``--no-pin`` to share all cores); the
 unpinned figure is reported beside it.
@@ -386,6 +387,7 @@ def main(argv=None) -> int:
                 unpinned_c1.append(drive(ports["no batching"], 1))
                 line += f" | unpinned c=1 p50 {unpinned_c1[-1]['p50_ms']:.2f} ms"
             print(line, flush=True)
+        singles.append(local.single(300, server_cpus))   # closes the last round's bracket
         # Target 2, interleaved: in-process batched vs served with batching at 32.
         batched, half_batched, served_c32 = [], [], []
         for _ in range(args.rounds):
@@ -395,6 +397,8 @@ def main(argv=None) -> int:
             print(f"round: in-process batch-{args.batch} QPS {batched[-1]:.0f} | "
                   f"batch-{args.batch // 2} QPS {half_batched[-1]:.0f} | served "
                   f"batching c=32 QPS {served_c32[-1]['qps']:.0f}", flush=True)
+        batched.append(local.batched_qps(args.batch, args.seconds))
+        half_batched.append(local.batched_qps(args.batch // 2, args.seconds))
         all_cores = local.batched_qps_threads(args.batch, args.seconds, len(cores))
         record(c1_server, 1, median_row(served_c1))
         if pin:
@@ -425,9 +429,12 @@ def main(argv=None) -> int:
              f"{all_cores:.0f} | 0 |"]
     table += [f"| gRPC, {r['server']} | {r['concurrency']} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['qps']:.0f} | {r['errors']} |" for r in rows]
-    added = [s["p50_ms"] - l["p50_ms"] for s, l in zip(served_c1, singles)]
-    shares = [s["qps"] / b for s, b in zip(served_c32, batched)]
-    ceiling_shares = [s["qps"] / b for s, b in zip(served_c32, half_batched)]
+    # Each served measurement is compared with the mean of the in-process
+    # measurements just before and just after it, which cancels drift.
+    single_p50 = bracket([s["p50_ms"] for s in singles])
+    added = [s["p50_ms"] - l for s, l in zip(served_c1, single_p50)]
+    shares = [s["qps"] / b for s, b in zip(served_c32, bracket(batched))]
+    ceiling_shares = [s["qps"] / b for s, b in zip(served_c32, bracket(half_batched))]
     added_med, share_med = float(np.median(added)), float(np.median(shares))
     served_c32_med = float(np.median([s["qps"] for s in served_c32]))
     verdict = (f"Targets (medians over {args.rounds} interleaved rounds): the server adds "
@@ -440,7 +447,7 @@ def main(argv=None) -> int:
                f"{np.median(ceiling_shares):.0%} of in-process batch-{args.batch // 2} QPS "
                f"and {served_c32_med / all_cores:.0%} of the in-process all-cores QPS.")
     if pin:
-        unpinned = [u["p50_ms"] - l["p50_ms"] for u, l in zip(unpinned_c1, singles)]
+        unpinned = [u["p50_ms"] - l for u, l in zip(unpinned_c1, single_p50)]
         verdict += (f" Unpinned, with the client on the same cores, the server adds "
                     f"{np.median(unpinned):.2f} ms.")
     text = "\n".join([f"# Serving {MODEL} ({catalog:,} items) through gRPC vs in-process", "",
@@ -458,6 +465,11 @@ def main(argv=None) -> int:
          "added_ms": added, "batched_share": shares}, indent=2))
     print(f"written to {work}")
     return 0
+
+
+def bracket(values: list) -> list:
+    """Means of neighbours: n + 1 measurements around n rounds -> n baselines."""
+    return [(a + b) / 2 for a, b in zip(values, values[1:])]
 
 
 def median_row(runs: list) -> dict:
