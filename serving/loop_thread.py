@@ -61,6 +61,11 @@ class LoopThreadServer:
         self._loop.run_until_complete(self._cleanup())
         self._loop.close()
 
+    @property
+    def loop_kind(self) -> str:
+        """"uvloop" or "asyncio": the loop this server runs on (once started)."""
+        return "uvloop" if type(self._loop).__module__.startswith("uvloop") else "asyncio"
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()

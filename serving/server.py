@@ -112,7 +112,8 @@ class ModelServer:
                      ("grpc.so_reuseport", 0)],
             event_loop=opts.event_loop)
         self._grpc.start()
-        log.info("Running gRPC ModelServer at %s ...", self._grpc.address)
+        log.info("Running gRPC ModelServer at %s (event loop: %s) ...", self._grpc.address,
+                 self._grpc.loop_kind)
 
     def _start_rest(self) -> None:
         opts = self.options

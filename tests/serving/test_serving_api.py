@@ -46,6 +46,7 @@ model_config_list {{
     monitoring.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }')
     srv = Server([f"--model_config_file={config}", f"--monitoring_config_file={monitoring}",
                   "--max_request_size_bytes=200000"], str(root / "server.log")).wait_ready()
+    assert "(event loop: uvloop)" in srv.log()   # the default, uvloop being installed
     srv.templates = templates
     yield srv
     assert srv.terminate() == 0, srv.log()

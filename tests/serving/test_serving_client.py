@@ -36,10 +36,13 @@ def server(exported, tmp_path_factory):
         f'  config {{ name: "{m}" base_path: "{base / m}" model_platform: "tensorflow" }}\n'
         for m in ("retrieval", "retrieval_exact", "query_tower")) + "}\n")
     monitoring = Path(__file__).resolve().parents[2] / "deploy" / "monitoring.config"
+    # The other servers run on uvloop (the default); this one keeps the
+    # stdlib event loop covered end to end, gRPC and REST.
     with running_server([f"--model_config_file={config}", "--enable_batching",
                          f"--monitoring_config_file={monitoring}",
-                         "--file_system_poll_wait_seconds=0"],
+                         "--file_system_poll_wait_seconds=0", "--event_loop=asyncio"],
                         str(tmp / "server.log")) as srv:
+        assert "(event loop: asyncio)" in srv.log()
         yield srv
 
 
