@@ -18,10 +18,10 @@ Served answers are checked against the in-process ones before timing.
 This machine is shared and noisy, so the two target comparisons are measured
 in interleaved rounds (in-process, then served, then in-process, ...): each
 served figure is compared with the mean of the in-process figures measured
-just before and just after it, and the medians over rounds are reported. For the latency target the server and the
-in-process model run pinned to the last core and the load generator to the
-other(s), as a remote client would (``--no-pin`` to share all cores); the
-unpinned figure is reported beside it.
+just before and just after it, and the medians over rounds are reported.
+For the latency target the server and the in-process model run pinned to the
+last core and the load generator to the other(s), as a remote client would
+(``--no-pin`` to share all cores); the unpinned figure is reported beside it.
 Targets (issue 4): at concurrency 1 the server adds <= 1 ms to the in-process
 p50; with batching at concurrency 32 it reaches >= 80 % of the in-process
 batched throughput.
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
              f"| in-process, single query | 1 | {single['p50_ms']:.2f} | {single['p99_ms']:.2f} | "
              f"{1000 / single['p50_ms']:.0f} | 0 |",
              f"| in-process, batch {args.batch} | - | - | - | {batched_qps:.0f} | 0 |",
-             f"| in-process, batch {args.batch // 2} (the c=32 ceiling, see above) | - | - | - | "
+             f"| in-process, batch {args.batch // 2} (the ceiling at concurrency 32, see above) | - | - | - | "
              f"{np.median(half_batched):.0f} | 0 |",
              f"| in-process, batch {args.batch}, {len(cores)} callers (all cores) | - | - | - | "
              f"{all_cores:.0f} | 0 |"]
