@@ -31,39 +31,25 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scann  # noqa: E402,F401
-import tensorflow as tf  # noqa: E402
 
 from export.exporter import ExportOptions, export_run  # noqa: E402
 from export.run_artifacts import feature_columns, load_run  # noqa: E402
-from export.verify import recall  # noqa: E402
+from export.verify import SessionModel, recall  # noqa: E402
 from trainer.data.synthetic import generate_catalog  # noqa: E402
-
-
-class Loaded:
-    """A SavedModel in its own graph and session, run by SignatureDef names."""
-
-    def __init__(self, path: Path):
-        self.graph = tf.Graph()
-        self.sess = tf.compat.v1.Session(graph=self.graph)
-        meta = tf.compat.v1.saved_model.loader.load(self.sess, ["serve"], str(path))
-        self.sig = meta.signature_def["serving_default"]
-        self.fetch = {k: v.name for k, v in self.sig.outputs.items()}
-
-    def __call__(self, inputs: dict) -> dict:
-        return self.sess.run(self.fetch, {self.sig.inputs[k].name: v for k, v in inputs.items()})
 
 
 def rows(inputs: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in inputs.items()}
 
 
-def measure(models: dict[str, Loaded], queries: dict, n_single: int, batch: int) -> dict:
+def measure(models: dict[str, SessionModel], queries: dict, n_single: int,
+            batch: int) -> dict:
     n = len(next(iter(queries.values())))
     out = {name: {} for name in models}
     results = {name: [] for name in models}
     for s in range(0, n, 64):  # full result sets for recall, 64 queries a call
         for name, m in models.items():
-            results[name].append(m(rows(queries, s, s + 64))["item_ids"])
+            results[name].append(m.run(rows(queries, s, s + 64))["item_ids"])
     for name in models:
         out[name]["ids"] = np.concatenate(results[name])
     times = {name: [] for name in models}
@@ -71,7 +57,7 @@ def measure(models: dict[str, Loaded], queries: dict, n_single: int, batch: int)
         q = rows(queries, i % n, i % n + 1)
         for name, m in models.items():
             t = time.perf_counter()
-            m(q)
+            m.run(q)
             if i >= 5:  # warm-up calls are not counted
                 times[name].append((time.perf_counter() - t) * 1000)
     for name in models:
@@ -79,11 +65,11 @@ def measure(models: dict[str, Loaded], queries: dict, n_single: int, batch: int)
         out[name]["p99_ms"] = float(np.percentile(times[name], 99))
     for name, m in models.items():
         b = rows(queries, 0, batch)
-        m(b)
+        m.run(b)
         t = time.perf_counter()
         reps = 0
         while time.perf_counter() - t < 3.0 or reps < 2:
-            m(b)
+            m.run(b)
             reps += 1
         out[name]["qps"] = reps * batch / (time.perf_counter() - t)
     return out
@@ -131,8 +117,8 @@ def main(argv=None) -> int:
         result = export_run(run_dir, base, ExportOptions(
             k=100, models=["retrieval", "retrieval_exact"], items_path=str(items_path)))
         export_s = time.perf_counter() - t
-        models = {"scann": Loaded(result.paths["retrieval"]),
-                  "exact": Loaded(result.paths["retrieval_exact"])}
+        models = {"scann": SessionModel(result.paths["retrieval"]),
+                  "exact": SessionModel(result.paths["retrieval_exact"])}
         m = measure(models, queries, args.single, args.batch)
         r = recall(m["scann"]["ids"], m["exact"]["ids"])
         params = result.metadata["retrieval"]["index"]["params"]
@@ -149,7 +135,7 @@ def main(argv=None) -> int:
                         **{f"{n}_{k}": v for n in m for k, v in m[n].items() if k != "ids"}})
         print(lines[-1], flush=True)
         for model in models.values():
-            model.sess.close()
+            model.session.close()
         if not args.keep_models:
             shutil.rmtree(base, ignore_errors=True)
     last = summary[-1]
