@@ -376,33 +376,43 @@ def main(argv=None) -> int:
             print(f"{label:12s} c={conc:2d}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
                   f"QPS {r['qps']:.0f}, errors {r['errors']}", flush=True)
 
-        # Target 1, interleaved: in-process single query vs served at concurrency 1.
-        singles, served_c1, unpinned_c1 = [], [], []
-        for _ in range(args.rounds):
-            singles.append(local.single(300, server_cpus))
-            served_c1.append(drive(ports[c1_server], 1, client_cpus))
-            line = (f"round: in-process p50 {singles[-1]['p50_ms']:.2f} ms | served c=1 p50 "
-                    f"{served_c1[-1]['p50_ms']:.2f} ms")
+        # Target 1: in-process single query vs served at concurrency 1.
+        def served_c1_round():
+            pinned = drive(ports[c1_server], 1, client_cpus)
+            return pinned, (drive(ports["no batching"], 1) if pin else None)
+
+        def show_c1(single, served):
+            line = (f"round: in-process p50 {single['p50_ms']:.2f} ms | served c=1 p50 "
+                    f"{served[0]['p50_ms']:.2f} ms")
             if pin:
-                unpinned_c1.append(drive(ports["no batching"], 1))
-                line += f" | unpinned c=1 p50 {unpinned_c1[-1]['p50_ms']:.2f} ms"
+                line += f" | unpinned c=1 p50 {served[1]['p50_ms']:.2f} ms"
             print(line, flush=True)
-        singles.append(local.single(300, server_cpus))   # closes the last round's bracket
-        # Target 2, interleaved: in-process batched vs served with batching at 32.
-        # Concurrency 64 (not a target): enough requests to fill batches of 32
-        # while as many are in flight.
-        batched, half_batched, served_c32, served_c64 = [], [], [], []
-        for _ in range(args.rounds):
-            batched.append(local.batched_qps(args.batch, args.seconds))
-            half_batched.append(local.batched_qps(args.batch // 2, args.seconds))
-            served_c32.append(drive(ports["batching"], 32))
-            served_c64.append(drive(ports["batching"], 64))
-            print(f"round: in-process batch-{args.batch} QPS {batched[-1]:.0f} | "
-                  f"batch-{args.batch // 2} QPS {half_batched[-1]:.0f} | served "
-                  f"batching c=32 QPS {served_c32[-1]['qps']:.0f} | c=64 QPS "
-                  f"{served_c64[-1]['qps']:.0f}", flush=True)
-        batched.append(local.batched_qps(args.batch, args.seconds))
-        half_batched.append(local.batched_qps(args.batch // 2, args.seconds))
+
+        singles, c1_rounds = interleave(args.rounds, lambda: local.single(300, server_cpus),
+                                        served_c1_round, show_c1)
+        served_c1 = [r[0] for r in c1_rounds]
+        unpinned_c1 = [r[1] for r in c1_rounds] if pin else []
+
+        # Target 2: in-process batched vs served with batching at 32 (and at 64,
+        # not a target: enough requests to fill batches of 32 while as many are
+        # in flight).
+        half = args.batch // 2
+
+        def show_c32(local_qps, served):
+            print(f"round: in-process batch-{args.batch} QPS {local_qps[0]:.0f} | "
+                  f"batch-{half} QPS {local_qps[1]:.0f} | served batching c=32 QPS "
+                  f"{served[0]['qps']:.0f} | c=64 QPS {served[1]['qps']:.0f}", flush=True)
+
+        local_qps, c32_rounds = interleave(
+            args.rounds,
+            lambda: (local.batched_qps(args.batch, args.seconds),
+                     local.batched_qps(half, args.seconds)),
+            lambda: (drive(ports["batching"], 32), drive(ports["batching"], 64)),
+            show_c32)
+        batched = [q[0] for q in local_qps]
+        half_batched = [q[1] for q in local_qps]
+        served_c32 = [r[0] for r in c32_rounds]
+        served_c64 = [r[1] for r in c32_rounds]
         all_cores = local.batched_qps_threads(args.batch, args.seconds, len(cores))
         record(c1_server, 1, median_row(served_c1))
         if pin:
@@ -428,7 +438,7 @@ def main(argv=None) -> int:
              f"| in-process, single query | 1 | {single['p50_ms']:.2f} | {single['p99_ms']:.2f} | "
              f"{1000 / single['p50_ms']:.0f} | 0 |",
              f"| in-process, batch {args.batch} | - | - | - | {batched_qps:.0f} | 0 |",
-             f"| in-process, batch {args.batch // 2} (the ceiling at concurrency 32, see above) | - | - | - | "
+             f"| in-process, batch {half} (the ceiling at concurrency 32, see above) | - | - | - | "
              f"{np.median(half_batched):.0f} | 0 |",
              f"| in-process, batch {args.batch}, {len(cores)} callers (all cores) | - | - | - | "
              f"{all_cores:.0f} | 0 |"]
@@ -450,7 +460,7 @@ def main(argv=None) -> int:
                f"{share_med:.0%} of in-process batched QPS (per round: "
                f"{', '.join(f'{s:.0%}' for s in shares)}; >= 80%: "
                f"{'met' if share_med >= 0.8 else 'MISSED'}); that is "
-               f"{np.median(ceiling_shares):.0%} of in-process batch-{args.batch // 2} QPS "
+               f"{np.median(ceiling_shares):.0%} of in-process batch-{half} QPS "
                f"and {served_c32_med / all_cores:.0%} of the in-process all-cores QPS. At "
                f"concurrency 64 (not a target) batching reaches {np.median(shares_c64):.0%} of "
                f"in-process batched QPS.")
@@ -475,6 +485,18 @@ def main(argv=None) -> int:
         indent=2))
     print(f"written to {work}")
     return 0
+
+
+def interleave(rounds: int, in_process, served, show):
+    """in-process, served, in-process, ..., in-process: ``rounds`` served
+    measurements, each between two in-process ones (``rounds + 1`` of them,
+    for :func:`bracket`); ``show(in_process_before, served)`` prints a round."""
+    local, remote = [in_process()], []
+    for _ in range(rounds):
+        remote.append(served())
+        show(local[-1], remote[-1])
+        local.append(in_process())
+    return local, remote
 
 
 def bracket(values: list) -> list:
