@@ -199,7 +199,8 @@ class BatchScheduler:
         """Runs ``run_fn(arrays)`` batched with concurrent tasks under ``key``.
 
         ``deadline`` (time.monotonic() seconds, e.g. from the gRPC deadline): a
-        task still queued past it is dropped with DEADLINE_EXCEEDED.
+        task still queued past it is dropped with RESOURCE_EXHAUSTED, as TF
+        Serving's batching session answers it.
         """
         task = _Task(arrays, size, deadline)
         if not self.submit(key, run_fn, model_name, signature, task):
@@ -315,9 +316,8 @@ class BatchScheduler:
         live, expired = [], []
         for t in tasks:
             if t.deadline is not None and now > t.deadline:
-                t.error = ServingError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "Batching session Run() timeout exceeded while waiting in batching queue")
+                t.error = resource_exhausted(
+                    "Run() timeout exceeded while waiting in batching queue")
                 expired.append(t)
             else:
                 live.append(t)

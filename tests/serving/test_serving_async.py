@@ -70,7 +70,7 @@ def test_batch_futures_merge_and_expired_deadline():
         scheduler.stop()
     assert len(runs) == 1 and runs[0].tolist() == [0.0, 2.0, 2.0, 2.0]
     assert a["y"].tolist() == [0.0] and c["y"].tolist() == [20.0, 20.0, 20.0]
-    assert isinstance(b, ServingError) and b.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(b, ServingError) and b.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert sorted(released) == [0, 1, 2]
 
 

@@ -201,6 +201,7 @@ def test_expired_tasks_are_dropped_before_running():
         ])
     finally:
         scheduler.stop()
-    assert isinstance(results[0], Exception) and results[0].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(results[0], Exception) and results[0].code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "timeout exceeded while waiting in batching queue" in results[0].message
     assert results[1]["y"].tolist() == [6.0, 6.0]
     assert calls == [2]
