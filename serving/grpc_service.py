@@ -35,7 +35,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._metrics = metrics
         self._predicts = 0   # Predict calls in flight (touched on the loop only)
 
-    async def _call(self, api: str, request, context, coro_fn):
+    async def _call(self, api: str, request, context, coro_fn, record: bool = True):
+        """Runs ``coro_fn(request)``; errors become their status.  ``record``:
+        count it in the request metrics (TF Serving counts Predict, Classify
+        and Regress, not GetModelMetadata)."""
         started = time.monotonic()
         status = "OK"
         err = None
@@ -47,7 +50,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 log.exception("%s failed", api)
             status = err.code_name
         finally:
-            if self._metrics is not None:
+            if record and self._metrics is not None:
                 name = request.model_spec.name if request.HasField("model_spec") else ""
                 self._metrics.record_request(name, api, "GRPC", status,
                                              time.monotonic() - started)
@@ -63,7 +66,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         try:
             inline = self._predicts == 1
             return await self._call(
-                "predict", request, context,
+                "Predict", request, context,
                 lambda r: predictor.predict_async(r, deadline, runner, inline))
         finally:
             self._predicts -= 1
@@ -71,7 +74,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def GetModelMetadata(self, request, context):
         async def metadata(r):
             return self._predictor.metadata(r)
-        return await self._call("GetModelMetadata", request, context, metadata)
+        return await self._call("GetModelMetadata", request, context, metadata, record=False)
 
     async def _unimplemented(self, api, request, context):
         async def fail(_):
@@ -79,7 +82,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"{api} is not supported by this server: serve a predict signature "
                 "and use Predict (the project's models have no classify/regress "
                 "signatures).")
-        return await self._call(api.lower(), request, context, fail)
+        return await self._call(api, request, context, fail)
 
     async def Classify(self, request, context):
         return await self._unimplemented("Classify", request, context)

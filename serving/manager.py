@@ -258,7 +258,7 @@ class ServableManager:
     def acquire(self, name: str, version: int = None, label: str = None):
         """The servable a ModelSpec asks for, held until :meth:`release`."""
         if not name:
-            raise invalid_argument("Missing model name in request.")
+            raise invalid_argument("ModelSpec has no name specified.")
         with self._lock:
             entry = self._entry(name)
             if label:
@@ -286,16 +286,13 @@ class ServableManager:
         servable.release()
 
     def status(self, name: str, version: int = None, label: str = None) -> list:
-        """[(version, state, ServingError|None)], newest first, like GetModelStatus."""
-        if not name:
-            raise invalid_argument("Missing model name in request.")
+        """[(version, state, ServingError|None)], newest first, like GetModelStatus.
+
+        As in TF Serving, only a version narrows the answer: a version label is
+        ignored (every version is listed), and an empty name is NOT_FOUND.
+        """
         with self._lock:
             entry = self._models.get(name)
-            if label:
-                labels = entry.config.version_labels if entry is not None else {}
-                if label not in labels:
-                    raise invalid_argument(f"Unrecognized servable version label: {label}")
-                version = labels[label]
             versions = entry.versions if entry is not None else {}
             if version is not None:
                 st = versions.get(version)

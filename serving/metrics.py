@@ -80,9 +80,12 @@ class Metrics:
 
     def record_request(self, model_name: str, api: str, entrypoint: str,
                        status: str, seconds: float) -> None:
+        """Counts a request by status; its latency only when it succeeded, as
+        TF Serving does (``api``: "Predict", "Classify" or "Regress")."""
         self._requests.inc(model_name, status)
-        self._child(self._latency_children, self.request_latency,
-                    model_name, api, entrypoint).observe(seconds * 1e6)
+        if status == "OK":
+            self._child(self._latency_children, self.request_latency,
+                        model_name, api, entrypoint).observe(seconds * 1e6)
 
     def record_batch(self, model_name: str, size: int) -> None:
         self._child(self._batch_children, self.batch_size, model_name).observe(size)

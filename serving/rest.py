@@ -104,7 +104,7 @@ class RestHandler:
             return err.http_status, "application/json", json_tensor.error_json(err.message)
         finally:
             if self._metrics is not None and api == "predict":
-                self._metrics.record_request(model_name, api, "REST", status,
+                self._metrics.record_request(model_name, "Predict", "REST", status,
                                              time.monotonic() - started)
 
     def _predict(self, model_spec, body: bytes) -> bytes:

@@ -198,6 +198,8 @@ def test_rest_metadata_and_status(server):
     assert body == {"model_version_status": [
         {"version": v, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
         for v in ("2", "1")]}
+    status, labelled = server.http("GET", "/v1/models/tiny/labels/stable")
+    assert status == 200 and labelled == body
 
 
 def test_grpc_status(server):
@@ -208,6 +210,15 @@ def test_grpc_status(server):
     response = models.GetModelStatus(req, timeout=10)
     [entry] = response.model_version_status
     assert entry.version == 1 and entry.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    # as in TF Serving, a label does not narrow the status: every version is listed
+    req.model_spec.version_label = "gold"
+    response = models.GetModelStatus(req, timeout=10)
+    assert [e.version for e in response.model_version_status] == [2, 1]
+    req.model_spec.name = ""
+    with pytest.raises(grpc.RpcError) as err:
+        models.GetModelStatus(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details() == "Could not find any versions of model "
 
 
 # -- malformed requests -----------------------------------------------------------
@@ -218,7 +229,8 @@ GRPC_CASES = {
                         "Servable not found for request: Specific(tiny, 7)"),
     "unknown label": (lambda: make_request(label="gold"), grpc.StatusCode.INVALID_ARGUMENT,
                       "Unrecognized servable version label: gold"),
-    "empty model name": (lambda: make_request(name=""), grpc.StatusCode.INVALID_ARGUMENT, ""),
+    "empty model name": (lambda: make_request(name=""), grpc.StatusCode.INVALID_ARGUMENT,
+                         "ModelSpec has no name specified."),
     "unknown signature": (lambda: make_request(signature="nope"),
                           grpc.StatusCode.FAILED_PRECONDITION,
                           'Serving signature key "nope" not found.'),
@@ -343,4 +355,7 @@ def test_prometheus_metrics(server):
     assert "# TYPE :tensorflow:serving:request_count counter" in text
     assert ':tensorflow:serving:request_count{model_name="tiny",status="OK"}' in text
     assert ':tensorflow:serving:request_count{model_name="nope",status="NOT_FOUND"}' in text
-    assert ":tensorflow:serving:request_latency_bucket{" in text
+    # latency of successful requests only, with TF Serving's labels
+    assert ':tensorflow:serving:request_latency_count{API="Predict",entrypoint="REST",' \
+        'model_name="tiny"}' in text
+    assert 'model_name="nope"}' not in text.split("request_latency", 1)[1]
