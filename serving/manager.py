@@ -244,6 +244,27 @@ class ServableManager:
                     return False
                 self._changed.wait(timeout=min(0.5, remaining) if remaining else 0.5)
 
+    def unavailable(self) -> list:
+        """Configured models with no AVAILABLE version, described as TF
+        Serving's ``WaitUntilConfiguredModelsAvailable`` names them:
+        ``{name: M version: N} due to error: CODE: message``."""
+        out = []
+        with self._lock:
+            for name, entry in self._models.items():
+                if entry.removed or any(s.state == State.AVAILABLE
+                                        for s in entry.versions.values()):
+                    continue
+                if not entry.versions:
+                    out.append(f"{{name: {name}}} due to error: NOT_FOUND: No versions of "
+                               f"servable {name} found under base path "
+                               f"{entry.config.base_path}")
+                    continue
+                version = max(entry.versions)
+                err = entry.versions[version].error
+                reason = f" due to error: {err.code_name}: {err.message}" if err else ""
+                out.append(f"{{name: {name} version: {version}}}{reason}")
+        return out
+
     def unload_all(self) -> None:
         with self._lock:
             entries = list(self._models.values())

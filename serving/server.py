@@ -14,6 +14,7 @@ import grpc
 
 from serving import config as config_io
 from serving.batching import BatchingOptions, BatchScheduler
+from serving.errors import ServingError
 from serving.grpc_service import add_services
 from serving.manager import ServableManager
 from serving.metrics import Metrics
@@ -79,11 +80,21 @@ class ModelServer:
         return servable
 
     def reload_config(self, model_config_list, wait: bool = True) -> None:
-        """HandleReloadConfigRequest: replace the model list, wait for new models."""
+        """HandleReloadConfigRequest: replace the model list, wait for new models.
+
+        With ``wait``, fails (UNKNOWN, as TF Serving) when a configured model
+        then has no AVAILABLE version; the models that loaded keep serving.
+        """
         self.manager.set_config(model_config_list)
         self.manager.poll_once()
         if wait:
             self.manager.wait_until_settled()
+            missing = self.manager.unavailable()
+            if missing:
+                raise ServingError(
+                    grpc.StatusCode.UNKNOWN,
+                    f"{len(missing)} model(s) did not become available: {{"
+                    + "".join(f"{{{m}}}, " for m in missing) + "}")
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:

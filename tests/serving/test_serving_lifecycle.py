@@ -119,6 +119,22 @@ def test_reload_config_and_sigterm(start_server, templates, tmp_path):
         models.HandleReloadConfigRequest(bad, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+    # a model that fails to load fails the reload (UNKNOWN, as TF Serving); the others serve
+    corrupt = tmp_path / "c" / "3"
+    corrupt.mkdir(parents=True)
+    (corrupt / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+    failing = model_management_pb2.ReloadConfigRequest()
+    failing.config.model_config_list.config.add(name="b", base_path=base_b,
+                                                model_platform="tensorflow")
+    failing.config.model_config_list.config.add(name="c", base_path=str(corrupt.parent),
+                                                model_platform="tensorflow")
+    with pytest.raises(grpc.RpcError) as err:
+        models.HandleReloadConfigRequest(failing, timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNKNOWN
+    assert err.value.details().startswith(
+        "1 model(s) did not become available: {{{name: c version: 3} due to error: ")
+    assert predict.Predict(predict_request("b"), timeout=10).model_spec.version.value == 4
+
     # SIGTERM: exits 0, ports closed
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=60) == 0, server.log()
