@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=False,
                    help="merge concurrent Predict calls (server-side batching)")
     p.add_argument("--batching_parameters_file", default="",
-                   help="BatchingParameters text proto (implies --enable_batching)")
+                   help="BatchingParameters text proto (needs --enable_batching, as in "
+                        "tensorflow_model_server)")
     p.add_argument("--monitoring_config_file", default="",
                    help="MonitoringConfig text proto (Prometheus on the REST port)")
     p.add_argument("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
@@ -79,8 +80,11 @@ def options_from_args(args):
         model_config = config_io.single_model_config(args.model_name, args.model_base_path)
     else:
         raise SystemExit("twotower-serve: give --model_base_path or --model_config_file")
+    if args.batching_parameters_file and not args.enable_batching:
+        raise SystemExit("twotower-serve: server_options.batching_parameters_file is set "
+                         "without setting server_options.enable_batching to true.")
     batching = None
-    if args.enable_batching or args.batching_parameters_file:
+    if args.enable_batching:
         batching = BatchingOptions.from_proto(
             config_io.read_batching_parameters(args.batching_parameters_file))
     return ServerOptions(

@@ -4,6 +4,8 @@
 BatchingParameters, ``--monitoring_config_file`` -> MonitoringConfig; or a
 one-model config from ``--model_name`` + ``--model_base_path``.
 """
+import os
+
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -29,8 +31,14 @@ def read_model_server_config(path: str) -> model_server_config_pb2.ModelServerCo
 
 
 def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
+    """The one-model config of ``--model_name`` + ``--model_base_path``.
+
+    A relative ``base_path`` is resolved against the working directory (TF
+    Serving refuses it; config files must still give absolute paths)."""
     config = model_server_config_pb2.ModelServerConfig()
     model = config.model_config_list.config.add()
+    if "://" not in base_path:
+        base_path = os.path.abspath(base_path)
     model.name, model.base_path, model.model_platform = name, base_path, "tensorflow"
     return config
 

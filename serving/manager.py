@@ -14,11 +14,13 @@ collection walks them all under the GIL (~0.2 s here), stalling every request.
 """
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 
 from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.config import model_server_config_pb2
 
 from serving.errors import ServingError, from_exception, invalid_argument, not_found
 from serving.version_policy import aspired_versions, list_versions
@@ -26,6 +28,7 @@ from serving.version_policy import aspired_versions, list_versions
 log = logging.getLogger(__name__)
 
 State = get_model_status_pb2.ModelVersionStatus.State
+TENSORFLOW_TYPE = model_server_config_pb2.TENSORFLOW   # the deprecated model_type
 
 
 @dataclass
@@ -64,19 +67,14 @@ class ServableManager:
 
     # -- configuration -------------------------------------------------------
     def set_config(self, model_config_list) -> None:
-        """Replaces the served model list (models left out are unloaded)."""
+        """Replaces the served model list (models left out are unloaded).
+
+        Checked as TF Serving's ServerCore checks it, with its messages: a
+        name and an absolute base path each, no name twice, and the
+        "tensorflow" platform.
+        """
+        validate_config(model_config_list)
         names = [c.name for c in model_config_list.config]
-        for c in model_config_list.config:
-            if not c.name:
-                raise invalid_argument("ModelConfig is missing a name")
-            if not c.base_path:
-                raise invalid_argument(f"ModelConfig for {c.name} is missing a base_path")
-            if c.model_platform not in ("", "tensorflow"):
-                raise invalid_argument(
-                    f"Model {c.name}: unsupported model_platform {c.model_platform!r}"
-                    " (only \"tensorflow\" is served)")
-        if len(set(names)) != len(names):
-            raise invalid_argument("Illegal to list model names more than once in a config list")
         with self._lock:
             for c in model_config_list.config:
                 entry = self._models.get(c.name)
@@ -324,6 +322,30 @@ class ServableManager:
                 raise not_found(f"Could not find any versions of model {name}")
             return [(v, versions[v].state, versions[v].error)
                     for v in sorted(versions, reverse=True)]
+
+
+def validate_config(model_config_list) -> None:
+    """INVALID_ARGUMENT, with TF Serving's message, for a list it would refuse."""
+    seen = set()
+    for c in model_config_list.config:
+        if not c.name:
+            raise invalid_argument("ModelConfig is missing a name")
+        if c.name in seen:
+            raise invalid_argument(f"Illegal to list model {c.name} multiple times in config list")
+        seen.add(c.name)
+        if not c.base_path:
+            raise invalid_argument(f"ModelConfig for {c.name} is missing a base_path")
+        if not os.path.isabs(c.base_path) and "://" not in c.base_path:
+            raise invalid_argument(f"Expected model {c.name} to have an absolute path or URI; "
+                                   f"got base_path()={c.base_path}")
+        platform = c.model_platform or ("tensorflow" if c.model_type == TENSORFLOW_TYPE else "")
+        if not platform:
+            raise invalid_argument(
+                "Illegal setting neither model_type(deprecated) nor model_platform.")
+        if platform != "tensorflow":
+            raise invalid_argument(
+                f"Model {c.name}: unsupported model_platform {platform!r}"
+                " (only \"tensorflow\" is served)")
 
 
 def reclaim_frozen() -> None:

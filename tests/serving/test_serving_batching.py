@@ -156,7 +156,7 @@ def test_sigterm_finishes_queued_requests(start_server, templates, tmp_path):
     params = tmp_path / "batching.config"
     params.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 1500000 }")
     server = start_server("--model_name=m", f"--model_base_path={tmp_path / 'm'}",
-                          f"--batching_parameters_file={params}")
+                          "--enable_batching", f"--batching_parameters_file={params}")
     answers = {}
 
     def call_rest():

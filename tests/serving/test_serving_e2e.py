@@ -53,7 +53,7 @@ def server(model_base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e-server")
     config_file = tmp / "models.config"
     config_file.write_text(text_format.MessageToString(cfg))
-    with running_server([f"--model_config_file={config_file}",
+    with running_server([f"--model_config_file={config_file}", "--enable_batching",
                          f"--batching_parameters_file={DEPLOY / 'batching.config'}",
                          f"--monitoring_config_file={DEPLOY / 'monitoring.config'}",
                          "--file_system_poll_wait_seconds=0.3"],

@@ -1,4 +1,7 @@
 """Fast unit tests of the pure pieces (no server, no model)."""
+import os
+
+import grpc
 import numpy as np
 import pytest
 from google.protobuf import text_format
@@ -161,3 +164,52 @@ def test_event_loop_choice():
             loop.close()
     with pytest.raises(ValueError, match="event loop must be one of"):
         new_event_loop("trio")
+
+
+def test_model_config_checked_as_tf_serving_checks_it(tmp_path):
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from serving.config import single_model_config
+    from serving.manager import validate_config
+
+    def check(**fields):
+        config = model_server_config_pb2.ModelConfigList()
+        config.config.add(**{"name": "m", "base_path": str(tmp_path),
+                             "model_platform": "tensorflow", **fields})
+        validate_config(config)
+        return config
+
+    check()
+    check(model_platform="", model_type=model_server_config_pb2.TENSORFLOW)
+    cases = {
+        "Expected model m to have an absolute path or URI; got base_path()=models/m":
+            dict(base_path="models/m"),
+        "Illegal setting neither model_type(deprecated) nor model_platform.":
+            dict(model_platform=""),
+        "unsupported model_platform 'pytorch'": dict(model_platform="pytorch"),
+    }
+    for message, fields in cases.items():
+        with pytest.raises(ServingError) as err:
+            check(**fields)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.message
+    twice = check()
+    twice.config.add(name="m", base_path=str(tmp_path), model_platform="tensorflow")
+    with pytest.raises(ServingError, match="Illegal to list model m multiple times"):
+        validate_config(twice)
+    # --model_base_path may be relative: it is resolved against the working directory
+    [model] = single_model_config("m", "models/m").model_config_list.config
+    assert model.base_path == os.path.abspath("models/m")
+
+
+def test_batching_parameters_file_needs_enable_batching(tmp_path):
+    from serving.cli import build_parser, options_from_args
+
+    params = tmp_path / "batching.config"
+    params.write_text("max_batch_size { value: 8 }")
+    args = build_parser().parse_args(["--model_base_path=/models/m",
+                                      f"--batching_parameters_file={params}"])
+    with pytest.raises(SystemExit, match="batching_parameters_file is set without setting "
+                                         "server_options.enable_batching to true"):
+        options_from_args(args)
+    args.enable_batching = True
+    assert options_from_args(args).batching_options.max_batch_size == 8
