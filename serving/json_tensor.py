@@ -277,9 +277,20 @@ def _leaf_values(arr: np.ndarray, as_bytes: bool):
                     for v in arr.ravel()]
         return np.array(flat + [None], dtype=object)[:-1].reshape(arr.shape).tolist()
     if arr.dtype in (np.float32, np.float16):
-        # shortest repr that round-trips as float32, like TF Serving's WriteDecimal
-        return arr.astype(str).astype(np.float64).tolist()
+        return _float32_decimals(arr.astype(np.float32)).reshape(arr.shape).tolist()
     return arr.tolist()
+
+
+def _float32_decimals(arr: np.ndarray) -> np.ndarray:
+    """float32 values as the doubles TF Serving's ``WriteDecimal`` writes:
+    six significant digits (``%g``) when they read back as the same float32,
+    else nine (``%.9g``).  float64 [n]."""
+    flat = arr.ravel()
+    wide = flat.astype(np.float64)
+    short = np.char.mod("%g", wide).astype(np.float64)
+    redo = short.astype(np.float32) != flat   # NaN compares unequal: "%.9g" keeps it NaN
+    short[redo] = np.char.mod("%.9g", wide[redo]).astype(np.float64)
+    return short
 
 
 def _is_bytes_alias(alias: str, arr: np.ndarray) -> bool:

@@ -165,10 +165,14 @@ def test_rest_label_signature_and_b64(server):
                                rtol=1e-6)
 
 
-def test_rest_float32_written_shortest():
+def test_rest_float32_written_as_tf_serving_writes_it():
+    """WriteDecimal: %g when six digits read back as the same float32, else %.9g."""
     from serving.json_tensor import COLUMNAR, ROW, response_json
     body = response_json({"scores": np.array([[0.2, 1.0]], np.float32)}, ROW)
     assert body == b'{"predictions":[[0.2,1.0]]}'
+    body = response_json({"scores": np.array([0.669074059, 123456.703, np.nan, -np.inf],
+                                             np.float32)}, ROW)
+    assert body == b'{"predictions":[0.669074059,123456.703,NaN,-Infinity]}'
     body = response_json({"ids_bytes": np.array([b"\x00\xff"], dtype=object),
                           "ids": np.array([b"caf\xc3\xa9"], dtype=object)}, COLUMNAR)
     assert body == b'{"outputs":{"ids":["caf\\u00e9"],"ids_bytes":[{"b64":"AP8="}]}}'
