@@ -171,7 +171,7 @@ class Predictor:
 
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
         if not request.HasField("model_spec"):
-            raise invalid_argument("Missing model_spec")
+            raise invalid_argument("Missing ModelSpec")
         if not request.metadata_field:
             raise invalid_argument(
                 "GetModelMetadataRequest must specify at least one metadata_field")

@@ -7,7 +7,7 @@ runs, naming the offending input.
 """
 from dataclasses import dataclass
 
-from serving.errors import invalid_argument
+from serving.errors import internal, invalid_argument
 from serving.tensors import dtype_name, numpy_dtype
 
 PREDICT_METHODS = (
@@ -52,8 +52,9 @@ class Signature:
             for s in list(self.inputs.values()) + list(self.outputs.values()))
 
     def check_method(self):
+        """INTERNAL, as TF Serving answers a signature Predict cannot run."""
         if self.method_name and self.method_name not in PREDICT_METHODS:
-            raise invalid_argument(
+            raise internal(
                 "Expected prediction signature method_name to be one of {"
                 + ", ".join(PREDICT_METHODS) + "}. Was: " + self.method_name)
 

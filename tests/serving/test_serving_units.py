@@ -213,3 +213,15 @@ def test_batching_parameters_file_needs_enable_batching(tmp_path):
         options_from_args(args)
     args.enable_batching = True
     assert options_from_args(args).batching_options.max_batch_size == 8
+
+
+def test_signature_method_name_checked_like_tf_serving():
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    sig_def = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+    Signature("serving_default", sig_def).check_method()
+    sig_def.method_name = "my/own/method"
+    with pytest.raises(ServingError) as err:
+        Signature("serving_default", sig_def).check_method()
+    assert err.value.code == grpc.StatusCode.INTERNAL
+    assert err.value.message.endswith("}. Was: my/own/method")
