@@ -1,8 +1,10 @@
 """Replays ``assets.extra/tf_serving_warmup_requests`` before a version serves.
 
 The file is a TFRecord of serialized ``PredictionLog``s (at most 1000).  Only
-``predict_log`` records are replayed; any failure (including a record of another
-kind) fails the load, as in TF Serving.  A missing file is fine.
+``predict_log`` records are replayed; any failure fails the load, as in TF
+Serving, and so does a record of another kind (TF Serving replays classify,
+regress and multi-inference logs too; this server does not implement those
+APIs).  A missing file is fine.
 """
 import os
 
