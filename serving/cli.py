@@ -11,6 +11,7 @@ import threading
 
 from serving import config as config_io
 from serving.batching import BatchingOptions
+from serving.errors import ServingError
 from serving.loop_thread import EVENT_LOOPS
 
 MiB = 1 << 20
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     try:
         server.start()
     except Exception as exc:  # noqa: BLE001
-        logging.getLogger("serving").error("Failed to start server: %s", exc)
+        reason = f"{exc.code_name}: {exc.message}" if isinstance(exc, ServingError) else exc
+        logging.getLogger("serving").error("Failed to start server. Error: %s", reason)
         server.stop(grace=0)
         return 1
     logging.getLogger("serving").info("Server ready")

@@ -242,20 +242,23 @@ class ServableManager:
                     return False
                 self._changed.wait(timeout=min(0.5, remaining) if remaining else 0.5)
 
-    def unavailable(self) -> list:
+    def unavailable(self, include_empty: bool = True) -> list:
         """Configured models with no AVAILABLE version, described as TF
         Serving's ``WaitUntilConfiguredModelsAvailable`` names them:
-        ``{name: M version: N} due to error: CODE: message``."""
+        ``{name: M version: N} due to error: CODE: message``.
+        ``include_empty``: also models with no version on disk yet."""
         out = []
         with self._lock:
             for name, entry in self._models.items():
                 if entry.removed or any(s.state == State.AVAILABLE
                                         for s in entry.versions.values()):
                     continue
-                if not entry.versions:
+                if not entry.versions and include_empty:
                     out.append(f"{{name: {name}}} due to error: NOT_FOUND: No versions of "
                                f"servable {name} found under base path "
                                f"{entry.config.base_path}")
+                    continue
+                if not entry.versions:
                     continue
                 version = max(entry.versions)
                 err = entry.versions[version].error

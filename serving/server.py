@@ -89,12 +89,7 @@ class ModelServer:
         self.manager.poll_once()
         if wait:
             self.manager.wait_until_settled()
-            missing = self.manager.unavailable()
-            if missing:
-                raise ServingError(
-                    grpc.StatusCode.UNKNOWN,
-                    f"{len(missing)} model(s) did not become available: {{"
-                    + "".join(f"{{{m}}}, " for m in missing) + "}")
+            _raise_unavailable(self.manager.unavailable(), "model(s)")
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -103,6 +98,9 @@ class ModelServer:
         self.manager.set_config(opts.model_server_config.model_config_list)
         self.manager.poll_once()
         self.manager.wait_until_settled(timeout=opts.startup_timeout_seconds)
+        # as TF Serving, refuse to start when a model's versions all failed to
+        # load (a model with no version yet only logs a warning, see docs)
+        _raise_unavailable(self.manager.unavailable(include_empty=False), "servable(s)")
         self.manager.start()
         if opts.model_config_file and opts.model_config_file_poll_wait_seconds > 0:
             threading.Thread(target=self._poll_config_file, name="config-poller",
@@ -217,3 +215,11 @@ class AioGrpcServer(LoopThreadServer):
         if self._thread is None:
             return
         self._thread.join(timeout=grace + 10)
+
+
+def _raise_unavailable(missing: list, what: str) -> None:
+    """UNKNOWN with TF Serving's "N servable(s) did not become available: {...}"."""
+    if missing:
+        raise ServingError(grpc.StatusCode.UNKNOWN,
+                           f"{len(missing)} {what} did not become available: {{"
+                           + "".join(f"{{{m}}}, " for m in missing) + "}")

@@ -10,7 +10,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, predict_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving_harness import install_version, statuses, wait_for
+from serving_harness import Server, install_version, statuses, wait_for
 from serving_models import write_warmup
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -172,3 +172,16 @@ def test_model_config_file_polling(start_server, templates, tmp_path):
     wait_for(b_serves, what="model b from the re-read config file")
     assert np.asarray(tf.make_ndarray(
         predict.Predict(predict_request("a"), timeout=5).outputs["scores"])).shape == (1, 3)
+
+
+def test_startup_fails_when_a_model_cannot_load(tmp_path):
+    """As tensorflow_model_server: a configured model whose versions all fail
+    to load stops the server from starting, with upstream's message."""
+    corrupt = tmp_path / "m" / "1"
+    corrupt.mkdir(parents=True)
+    (corrupt / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+    server = Server(["--model_name=m", f"--model_base_path={corrupt.parent}"],
+                    str(tmp_path / "server.log"))
+    assert server.proc.wait(timeout=120) == 1
+    assert ("Failed to start server. Error: UNKNOWN: 1 servable(s) did not become "
+            "available: {{{name: m version: 1} due to error: ") in server.log()
