@@ -88,13 +88,35 @@ def test_extra_candidates_mask_the_users_own_items(tables):
     rows = batch["candidate_row"].numpy()
     mask = batch["score_mask"].numpy()
     assert mask.shape == (64, 64 + 40) and len(rows) == 104
-    assert mask[:, :64].all()                      # in-batch part untouched by default
+    shown = pairs(exposed, enc)
     for b in range(64):
+        # in-batch part: only the user's exposed-not-clicked items are masked by default
+        for c in range(64):
+            assert mask[b, c] == (b == c or (u[b], rows[c]) not in shown)
         for c in range(64, 104):
             assert mask[b, c] == ((u[b], rows[c]) not in own)
     p, q = data.item_prob, data.catalog.prob
     want = (64 * p[rows] + 40 * q[rows]) / 104      # the mixture logQ term of every candidate
     np.testing.assert_allclose(batch["candidate_prob"].numpy(), want, rtol=1e-5)
+
+
+def test_in_batch_negatives_never_include_the_users_exposures(tables):
+    """Default in_batch_softmax: another user's click that this user was shown
+    and did not click is masked out of this user's in-batch negatives."""
+    cfg = config()
+    data, enc, pos, exposed = pipeline(tables, cfg)
+    shown = pairs(exposed, enc)
+    masked = 0
+    for batch in data.dataset(64, seed=3).take(4):
+        u = enc.user_index.get_indexer(batch["query"]["user_id"].numpy().astype(str))
+        rows = batch["item_row"].numpy()
+        mask = batch["score_mask"].numpy()
+        assert mask.shape == (len(u), len(u))
+        for b in range(len(u)):
+            for c in range(len(u)):
+                assert mask[b, c] == (b == c or (u[b], rows[c]) not in shown)
+        masked += int((~mask).sum())
+    assert masked > 0   # the tiny data set does put exposures in the batches
 
 
 def test_matrix_factorization_is_the_only_user_of_exposures(tables):

@@ -254,8 +254,8 @@ class NegativeSampling(_Strict):
     extra_candidates: int = Field(0, ge=0)
     extra_logq: Literal["mixture", "per_source"] = "mixture"
     mask_user_positives: bool = Field(
-        False, description="in_batch_softmax: the query user's other clicked/exposed "
-        "items in the batch are not negatives")
+        False, description="in_batch_softmax: the query user's other clicked items in "
+        "the batch are not negatives either (its exposed-not-clicked ones never are)")
 
 
 class SamplingConfig(_Strict):

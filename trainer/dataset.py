@@ -53,7 +53,8 @@ class TrainingData:
     - in_batch_softmax: with ``extra_candidates`` E > 0, ``extra`` (item
       features [E]), ``candidate_row`` / ``candidate_prob`` [B + E] and a
       ``score_mask`` [B, B + E] that removes the users' own items from the
-      extras (and, with ``mask_user_positives``, from the in-batch ones);
+      extras and their exposed-not-clicked items from the in-batch ones (with
+      ``mask_user_positives``, their clicked ones too);
     - per-query objectives: ``negatives`` (item features [B * N_s]),
       ``neg_row`` / ``neg_valid`` / ``neg_logq`` [B, N_s]; for mined hard
       negatives ``pool`` (features of [P] catalog draws) and
@@ -91,6 +92,8 @@ class TrainingData:
                                         num_items)
         self.exclusion_keys = np.unique(np.concatenate([u, eu]) * num_items
                                         + np.concatenate([i, ei]))
+        # A user's exposed-but-not-clicked items are never its in-batch negatives.
+        self.exposures = S.ExclusionSet(eu, ei, num_items) if len(eu) else None
         # Hard negatives: how many, and from where.
         self.num_hard = int(round(neg.hard_fraction * neg.num_negatives)) if self.per_query else 0
         self.num_easy = neg.num_negatives - self.num_hard if self.per_query else 0
@@ -203,6 +206,9 @@ class TrainingData:
             if neg.mask_user_positives or self.history is not None:
                 own = self.exclusion.contains(u[:, None], i[None, :])
                 masks.append(tf.logical_or(tf.logical_not(own), tf.cast(tf.eye(b), tf.bool)))
+            elif self.exposures is not None:
+                shown = self.exposures.contains(u[:, None], i[None, :])
+                masks.append(tf.logical_or(tf.logical_not(shown), tf.cast(tf.eye(b), tf.bool)))
             if neg.extra_candidates:
                 extra = self.catalog.sample([neg.extra_candidates], seed)
                 out["extra"] = self._items(extra)
