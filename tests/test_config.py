@@ -1,4 +1,6 @@
 """Config validation names the bad field and the file."""
+import re
+
 import pytest
 
 from trainer.config import ConfigError, load_config
@@ -40,3 +42,27 @@ def test_item_id_required(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "none.yaml")
+
+
+IDS_ONLY = {"features": {"user": [{"name": "user_id", "type": "categorical"}],
+                         "item": [{"name": "item_id", "type": "categorical"}]}}
+
+
+@pytest.mark.parametrize("section,values,message", [
+    ("evaluation", {"ks": []}, "evaluation.ks: List should have at least 1 item"),
+    ("evaluation", {"ks": [0, 10]}, "every K must be >= 1"),
+    ("training", {"early_stopping_patience": 2},
+     "early_stopping_patience needs training.validation_fraction > 0"),
+    ("training", {"validation_fraction": 0.1, "early_stopping_metric": "val_loss"},
+     "early_stopping_metric must be val_hr@K"),
+    ("objective", {"kind": "listwise", "num_hard_negatives": 5},
+     "objective.num_hard_negatives: not used by objective.kind=listwise"),
+    ("objective", {"unobserved_per_row": 2},
+     "objective.unobserved_per_row: not used by objective.kind=in_batch_softmax"),
+    ("sampling", {"negatives": {"hard_fraction": 0.5}},
+     "sampling.negatives.hard_fraction: not used by objective.kind=in_batch_softmax"),
+])
+def test_options_that_would_be_ignored_are_errors(section, values, message):
+    from trainer.config import parse_config
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({**IDS_ONLY, section: values})

@@ -238,3 +238,14 @@ def test_ensemble_members_each_get_their_own_loss():
     want = sum(float(obj(tf.constant(q[:, m * 3:(m + 1) * 3]),
                          tf.constant(c[:, m * 3:(m + 1) * 3]), {})) for m in range(2))
     np.testing.assert_allclose(float(model.compute_loss(batch)), want, rtol=1e-5)
+
+
+def test_validation_clicks_stay_known_items_for_the_test(tables, tmp_path):
+    """With a validation split, the test ranking still excludes every train-split
+    click (GUIDE 4), and seen.parquet holds them all."""
+    cfg = config(training={"epochs": 1, "batch_size": 128, "learning_rate": 0.01,
+                           "validation_fraction": 0.2, "early_stopping_patience": 1})
+    train(cfg, tmp_path, tables=tables, verbose=0)
+    train_rows, _ = split_interactions(tables.interactions, "random")
+    clicks = train_rows[train_rows["clicked"] == 1]
+    assert len(pd.read_parquet(tmp_path / "seen.parquet")) == len(clicks)

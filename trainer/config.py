@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -288,7 +288,14 @@ class EvaluationConfig(_Strict):
     seed: int = 42
     train_fraction: float = Field(0.8, gt=0.0, lt=1.0)
     test_days: float = Field(1.0, gt=0.0)
-    ks: list[int] = Field(default_factory=lambda: [10, 50, 100])
+    ks: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, ks: list[int]) -> list[int]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"every K must be >= 1, got {ks}")
+        return ks
 
 
 class RunConfig(_Strict):
@@ -317,7 +324,31 @@ class RunConfig(_Strict):
             if names != (["user_id"], ["item_id"]):
                 raise ValueError("objective.kind=matrix_factorization is the id-only baseline: "
                                  "features.user must be [user_id] and features.item [item_id]")
+        self._options_apply()
         return self
+
+    def _options_apply(self) -> None:
+        """No option is silently ignored: each must fit the objective it tunes."""
+        kind, neg, tc = self.objective.kind, self.sampling.negatives, self.training
+        unused = []
+        if kind != "in_batch_softmax":
+            unused += [n for n, v in (("objective.num_hard_negatives",
+                                       self.objective.num_hard_negatives),
+                                      ("sampling.negatives.extra_candidates",
+                                       neg.extra_candidates)) if v]
+        if kind != "matrix_factorization" and self.objective.unobserved_per_row:
+            unused.append("objective.unobserved_per_row")
+        if kind not in PER_QUERY_OBJECTIVES and neg.hard_fraction:
+            unused.append("sampling.negatives.hard_fraction")
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not used by objective.kind={kind}")
+        if tc.early_stopping_patience and not tc.validation_fraction:
+            raise ValueError("training.early_stopping_patience needs "
+                             "training.validation_fraction > 0 (it watches validation HR@K)")
+        metric = tc.early_stopping_metric
+        if not (metric.startswith("val_hr@") and metric[7:].isdigit() and int(metric[7:]) > 0):
+            raise ValueError(f"training.early_stopping_metric must be val_hr@K (K > 0), "
+                             f"got {metric!r}")
 
 
 class ConfigError(ValueError):

@@ -124,6 +124,9 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     test_pos = test_rows[test_rows["clicked"] == 1]
     val_pos = None
     tc = config.training
+    # The test set is scored against the whole train split: validation clicks
+    # are the user's known items too (excluded from the ranking, seen.parquet).
+    split_pos = train_pos
     if tc.validation_fraction > 0:
         idx = np.random.default_rng(tc.seed).permutation(len(train_pos))
         cut = int(len(train_pos) * (1 - tc.validation_fraction))
@@ -150,7 +153,9 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
         tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
     ]
     if val_pos is not None:
-        callbacks.insert(0, ValidationHitRate(encoded, _eval_set(encoded, train_pos, val_pos)))
+        watched = int(tc.early_stopping_metric.split("@")[1])
+        callbacks.insert(0, ValidationHitRate(encoded, _eval_set(encoded, train_pos, val_pos),
+                                              ks=tuple(sorted({10, 100, watched}))))
         if tc.early_stopping_patience:
             callbacks.append(tf.keras.callbacks.EarlyStopping(
                 tc.early_stopping_metric, mode="max", patience=tc.early_stopping_patience,
@@ -162,7 +167,7 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     fit = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
     train_seconds = time.perf_counter() - started
 
-    data = _eval_set(encoded, train_pos, test_pos)
+    data = _eval_set(encoded, split_pos, test_pos)
     metrics = {
         "dataset": tables.name,
         "protocol": ev.protocol,
@@ -173,5 +178,5 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
         "popularity": evaluate(popularity_scores(data), data, ev.ks),
     }
     history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
-    save_run_artifacts(out, config, model, tables, train_pos, metrics, history)
+    save_run_artifacts(out, config, model, tables, split_pos, metrics, history)
     return TrainedRun(model, metrics, history, out)
