@@ -30,7 +30,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--native-check", action="store_true",
                    help="also load and warm every version with the C++ SavedModel loader")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.k < 1:
+        p.error(f"--k must be at least 1, got {args.k}")
+    if not 0.0 < args.recall_target <= 1.0:
+        p.error(f"--recall-target must be in (0, 1], got {args.recall_target}")
+    if args.max_exclude < 1:
+        p.error(f"--max-exclude must be at least 1, got {args.max_exclude}")
+    return args
 
 
 def _all():
@@ -51,7 +58,7 @@ def main(argv=None) -> int:
         progress=not args.no_progress)
     try:
         result = export_run(args.run, args.output, options)
-    except (RunError, VersionError, ExportCheckError, ValueError) as err:
+    except (RunError, VersionError, ExportCheckError, ValueError, OSError) as err:
         print(f"export failed, nothing published: {err}", file=sys.stderr)
         return 2
     print(f"published version {result.version}:")

@@ -28,7 +28,7 @@ from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_inde
                                    scann_index, tower_module)
 from export.verify import (ExportCheckError, check_close, check_exact_retrieval, recall,
                            SessionModel, run_with_session)
-from export.versioning import StagedVersion, next_version
+from export.versioning import StagedVersion, export_lock, next_version
 from export.warmup import write_warmup_requests
 
 _SCANN_ATTEMPTS = 3
@@ -83,6 +83,11 @@ def export_run(run_dir: str | Path, model_base: str | Path,
         raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {ALL_MODELS}")
     model_base = Path(model_base)
     ctx = _context(load_run(run_dir), options)
+    with export_lock(model_base):
+        return _export(ctx, model_base, options)
+
+
+def _export(ctx: _Context, model_base: Path, options: ExportOptions) -> ExportResult:
     version = next_version(model_base, list(options.models), options.version)
     tuning = None
     if "retrieval" in options.models:
@@ -167,7 +172,7 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning) -> dict:
             params = escalate(params)  # this build's tree fell short: search more
             shutil.rmtree(out)
             out.mkdir()
-    seen = _seen_matrix(ctx, k, rows=2)
+    seen = _seen_matrix(ctx, rows=2, columns=min(3, o.max_exclude))
     write_warmup_requests(out, name, [
         ("serving_default", _head(ctx.user_inputs, 1)),
         ("serving_default", _head(ctx.user_inputs, 8)),
@@ -184,10 +189,11 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning) -> dict:
     return meta
 
 
-def _seen_matrix(ctx: _Context, k: int, rows: int) -> np.ndarray:
-    """A padded [rows, 3] matrix of catalog ids, used to exercise exclusion."""
-    ids = ctx.catalog_ids[: min(3, len(ctx.catalog_ids))].astype(str)
-    m = np.full((rows, 3), "", dtype=object)
+def _seen_matrix(ctx: _Context, rows: int, columns: int = 3) -> np.ndarray:
+    """A padded [rows, columns] matrix of catalog ids, used to exercise exclusion
+    (``columns`` <= the model's max_exclude, or the model rejects it)."""
+    ids = ctx.catalog_ids[: min(columns, len(ctx.catalog_ids))].astype(str)
+    m = np.full((rows, columns), "", dtype=object)
     m[:, : len(ids)] = ids
     m[-1, -1] = ""
     return m
@@ -259,7 +265,9 @@ def _native_check(version_dir: Path) -> None:
     from export.native_loader import NativeLoadError, check_saved_model, compiler_available
 
     if not compiler_available():
-        return
+        raise ExportCheckError(
+            "--native-check asked for the C++ SavedModel loader check, but no C++ "
+            "compiler (c++, g++ or clang++) is on PATH to build it")
     try:
         check_saved_model(version_dir)
     except NativeLoadError as err:

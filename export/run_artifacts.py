@@ -71,7 +71,7 @@ def _signature(features: list[dict]) -> dict[str, tf.TensorSpec]:
 def load_run(run_dir: str | Path) -> TrainedRun:
     root = Path(run_dir)
     for rel in ("towers/query/saved_model.pb", "towers/candidate/saved_model.pb",
-                "feature_spec.json", "items.parquet"):
+                "feature_spec.json", "items.parquet", "users.parquet"):
         if not (root / rel).is_file():
             raise RunError(f"{root / rel}: missing; is {root} a finished training run "
                            "(python -m trainer --output ...)?")
@@ -110,6 +110,9 @@ def feature_columns(table: pd.DataFrame, features: list[dict], source: str) -> d
     return out
 
 
+NUMERIC_NA = ["", "NA", "N/A", "NaN", "nan", "null", "NULL"]   # missing numbers in a CSV
+
+
 def read_items(path: Optional[str | Path], run: TrainedRun) -> pd.DataFrame:
     """The catalog to index: the run's items, or a new/changed table (refresh)."""
     if path is None:
@@ -117,9 +120,21 @@ def read_items(path: Optional[str | Path], run: TrainedRun) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise RunError(f"{p}: item table not found")
-    table = pd.read_parquet(p) if p.suffix in (".parquet", ".pq") else pd.read_csv(p)
+    if p.suffix in (".parquet", ".pq"):
+        table = pd.read_parquet(p)
+    else:
+        # ids and string features stay text ("00042" is not 42; an empty cell
+        # is "", not "nan"); numeric features are converted by feature_columns
+        strings = {f["name"] for f in run.spec["candidate"] if f["dtype"] == "string"}
+        numbers = {f["name"] for f in run.spec["candidate"]} - strings - {"item_id"}
+        table = pd.read_csv(p, dtype={name: str for name in strings | {"item_id"}},
+                            keep_default_na=False,
+                            na_values={name: NUMERIC_NA for name in numbers})
     if "item_id" not in table.columns:
         raise RunError(f"{p}: the item table needs an 'item_id' column")
+    missing = table["item_id"].isna() | (table["item_id"].astype(str).str.strip() == "")
+    if missing.any():
+        raise RunError(f"{p}: row {int(np.flatnonzero(missing.to_numpy())[0])} has no item_id")
     table["item_id"] = table["item_id"].astype(str)
     if table["item_id"].duplicated().any():
         dup = table.loc[table["item_id"].duplicated(), "item_id"].iloc[0]

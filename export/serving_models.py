@@ -90,13 +90,21 @@ class RetrievalModule(tf.Module):
         return self._outputs(scores, rows)
 
     def _retrieve_excluding(self, features, seen_item_ids):
-        check = tf.debugging.assert_less_equal(
-            tf.shape(seen_item_ids)[1], self.max_exclude,
-            message=f"{SEEN_INPUT} has more columns than this model excludes "
-                    f"(max_exclude={self.max_exclude})")
-        with tf.control_dependencies([check]):
+        query = self._query(features)
+        checks = [
+            tf.debugging.assert_less_equal(
+                tf.shape(seen_item_ids)[1], self.max_exclude,
+                message=f"{SEEN_INPUT} has more columns than this model excludes "
+                        f"(max_exclude={self.max_exclude})"),
+            # one row of seen ids per user: a single row must not broadcast over the batch
+            tf.debugging.assert_equal(
+                tf.shape(seen_item_ids)[0], tf.shape(query)[0],
+                message=f"{SEEN_INPUT} needs one row per user (its dimension 0 must equal "
+                        "the batch size of the user features)"),
+        ]
+        with tf.control_dependencies(checks):
             seen_rows = self.row_of.lookup(seen_item_ids)  # [B, S]; -1 = unknown or ""
-        scores, rows = self.index(self._query(features), k=self.fetch)
+        scores, rows = self.index(query, k=self.fetch)
         is_seen = tf.reduce_any(tf.equal(rows[:, :, None], seen_rows[:, None, :]), axis=-1)
         scores = tf.where(is_seen, tf.constant(-np.inf, scores.dtype), scores)
         top_scores, pos = tf.math.top_k(scores, k=self.k)

@@ -8,11 +8,16 @@ directories, complete or broken, are never overwritten.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
+
+
+LOCK_FILE = ".export.lock"   # not an integer: TF Serving ignores it
 
 
 class VersionError(ValueError):
@@ -76,14 +81,33 @@ class StagedVersion:
         return self.model_base / model_name / str(self.version)
 
     def publish(self) -> dict[str, Path]:
-        """Rename every staged directory into place (each rename is atomic)."""
-        published = {}
-        for name, staging in list(self._dirs.items()):
+        """Rename every staged directory into place: all of them or none.
+
+        Each rename is atomic; every target is checked again just before, and
+        a rename that fails takes the earlier ones back, so one export never
+        leaves some models at the new version and others not.
+        """
+        for staging in self._dirs.values():
             _fsync_tree(staging)
-            os.rename(staging, self.target(name))
-            published[name] = self.target(name)
-            del self._dirs[name]
-        return published
+        for name in self._dirs:
+            if self.target(name).exists():   # os.rename would replace an empty one
+                raise VersionError(f"{self.target(name)} appeared while this export was "
+                                   "staged; nothing published")
+        published = {}
+        try:
+            for name, staging in self._dirs.items():
+                os.rename(staging, self.target(name))
+                published[name] = staging
+        except OSError as err:
+            failed = self.target(name)
+            for done, staging in published.items():
+                os.rename(self.target(done), staging)   # __exit__ removes them
+            raise VersionError(f"publishing {failed} failed ({err}); nothing published") \
+                from err
+        for name in published:
+            _fsync_dir(self.target(name).parent)
+        self._dirs.clear()
+        return {name: self.target(name) for name in published}
 
     def __enter__(self) -> "StagedVersion":
         return self
@@ -92,6 +116,38 @@ class StagedVersion:
         for staging in self._dirs.values():
             shutil.rmtree(staging, ignore_errors=True)
         self._dirs.clear()
+
+
+@contextmanager
+def export_lock(model_base: Path):
+    """Held for a whole export: two exports into one model base would pick the
+    same version number.  An OS file lock, so a killed export leaves none."""
+    model_base.mkdir(parents=True, exist_ok=True)
+    path = model_base / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise VersionError(f"another export into {model_base} is running "
+                               f"({f.read().strip() or 'see ' + str(path)})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:

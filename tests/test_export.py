@@ -93,6 +93,37 @@ def test_too_many_seen_ids_is_an_error(exported, tiny_run):
                          "retrieve_excluding")
 
 
+def test_seen_ids_need_one_row_per_user(exported, tiny_run):
+    """One row of seen ids for a batch of 3 users must not apply to all three."""
+    base, _ = exported
+    inputs = user_inputs(tiny_run.output_dir, 3)
+    seen = np.array([["", ""]], dtype=object)
+    for name in ("retrieval", "retrieval_exact"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="one row per user"):
+            run_with_session(base / name / "1", {**inputs, "seen_item_ids": seen},
+                             "retrieve_excluding")
+
+
+def test_publish_is_all_or_nothing_and_exports_are_locked(tmp_path):
+    from export.versioning import StagedVersion, export_lock
+
+    base = tmp_path / "models"
+    with StagedVersion(base, ["a", "b"], 1) as stage:
+        for name in ("a", "b"):
+            (stage.dir(name) / "saved_model.pb").write_bytes(b"x")
+        (base / "b" / "1").mkdir()   # another writer took b/1 meanwhile (empty)
+        with pytest.raises(VersionError, match="appeared while this export was staged"):
+            stage.publish()
+    assert not (base / "a" / "1").exists()            # a was not published alone
+    assert [p.name for p in (base / "a").iterdir()] == []   # staging removed
+    with export_lock(base):
+        with pytest.raises(VersionError, match="another export into .* is running"):
+            with export_lock(base):
+                pass
+    with export_lock(base):   # released: free again
+        pass
+
+
 def test_metadata_contents(exported):
     base, _ = exported
     meta = read_metadata(base / "retrieval" / "1")
@@ -195,3 +226,25 @@ def test_scann_tuning_meets_recall_and_sweeps_both_ah_block_sizes():
     assert result.params.dimensions_per_block in (1, 2)
     chosen = [t for t in result.trials if t["recall"] >= 0.91]
     assert result.p50_ms == min(t["p50_ms"] for t in chosen)
+
+
+def test_csv_item_table_keeps_ids_and_strings_as_text(tmp_path):
+    """A CSV catalog for refresh: "00042" stays "00042", an empty string feature
+    is "" (not "nan" or a float), an empty number is NaN, a row without an id fails."""
+    from export.run_artifacts import RunError, TrainedRun, read_items
+
+    spec = {"candidate": [{"name": "item_id", "dtype": "string"},
+                          {"name": "genre", "dtype": "string"},
+                          {"name": "year", "dtype": "float32"}]}
+    run = TrainedRun(path=tmp_path, query_tower=None, candidate_tower=None, spec=spec,
+                     items=None, metrics={}, config_text="")
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,genre,year\n00042,NA,1999\n00043,,\n")
+    table = read_items(path, run)
+    assert table["item_id"].tolist() == ["00042", "00043"]
+    cols = feature_columns(table, spec["candidate"], "items.csv")
+    assert cols["genre"].tolist() == ["NA", ""]
+    assert cols["year"][0] == 1999 and np.isnan(cols["year"][1])
+    path.write_text("item_id,genre,year\n00042,drama,1999\n,comedy,2001\n")
+    with pytest.raises(RunError, match="row 1 has no item_id"):
+        read_items(path, run)
