@@ -132,6 +132,23 @@ def test_num_hard_negatives_keeps_the_hardest():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_hard_negatives_are_chosen_on_raw_scores_before_logq():
+    """A popular negative the model scores high (cos 0.9, p 0.5) is harder than a
+    rare one it scores low (cos 0.5, p 0.001): mining keeps the popular one even
+    though -log p lifts the rare one's corrected logit above it."""
+    q = np.array([[1.0, 0.0]], np.float32)
+    cands = np.array([[1.0, 0.0], [0.9, np.sqrt(1 - 0.81)], [0.5, np.sqrt(0.75)]],
+                     np.float32)
+    prob = np.array([0.3, 0.5, 0.001], np.float32)
+    obj = InBatchSoftmax(1.0, logq_correction=True, remove_accidental_hits=False,
+                         num_hard_negatives=1)
+    got = float(obj(tf.constant(q), tf.constant(cands),
+                    {"candidate_prob": tf.constant(prob)}))
+    logits = (q @ cands.T)[0] - np.log(prob)
+    kept = logits[[0, 1]]                      # the positive and the cos-0.9 negative
+    np.testing.assert_allclose(got, -(kept[0] - np.log(np.exp(kept).sum())), rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind,cls", [
     ("in_batch_softmax", InBatchSoftmax), ("matrix_factorization", MatrixFactorization),
     ("pointwise", Pointwise), ("pairwise_hinge", PairwiseHinge),

@@ -51,8 +51,10 @@ def test_interrupted_training_resumes(tmp_path):
         train(config, tmp_path, verbose=0, extra_callbacks=[_StopAfter(2)])
     assert (tmp_path / "backup").exists()
     resumed = train(config, tmp_path, verbose=0)
-    # epochs 1-2 were restored from the backup: only epoch 3 runs again
-    assert len(resumed.history["loss"]) == 1
+    # epochs 1-2 were restored from the backup: only epoch 3 runs again, and the
+    # run's history (report, plot, history.json) still covers all three
+    assert len(resumed.history["loss"]) == 3
+    assert resumed.metrics["epochs_run"] == 3
     assert (tmp_path / "checkpoints" / "epoch-003.index").exists()
 
 

@@ -208,8 +208,8 @@ class ObjectiveConfig(_Strict):
     logq_correction: bool = True
     remove_accidental_hits: bool = True
     num_hard_negatives: Optional[int] = Field(
-        None, gt=0, description="in_batch_softmax: keep only the k highest-scoring "
-        "negatives per query (TFRS hard-negative mining); None = all")
+        None, gt=0, description="in_batch_softmax: keep only the k negatives the model "
+        "scores highest per query (raw cosines, before logQ); None = all")
     margin: float = Field(0.2, ge=0.0, description="pairwise_hinge margin m")
     sigma: float = Field(10.0, gt=0.0, description="pairwise_logistic scale")
     l2_regularization: float = Field(

@@ -35,8 +35,10 @@ class InBatchSoftmax(tf.keras.layers.Layer):
     when extra candidates are mixed in, else ``batch["item_prob"]`` [B]).
     ``batch["score_mask"]`` [B, B + E] (optional) drops pairs that must not
     be negatives (the user's own clicked/exposed items). With
-    ``num_hard_negatives`` only the k highest-scoring negatives per query stay
-    in the softmax (TFRS hard-negative mining).
+    ``num_hard_negatives`` only the k negatives the model scores highest (raw
+    cosines) stay in the softmax, then logQ-corrected. TFRS's own mining ranks
+    the corrected logits instead, where -log q lifts rare items: its "hardest"
+    negatives are the rarest, and training drifts to popularity.
     """
 
     inputs = "in_batch"
@@ -46,20 +48,41 @@ class InBatchSoftmax(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.logq_correction = logq_correction
         self.remove_accidental_hits = remove_accidental_hits
+        self.num_hard_negatives = num_hard_negatives
         self.task = tfrs.tasks.Retrieval(
             metrics=None, temperature=temperature,
-            remove_accidental_hits=remove_accidental_hits,
-            num_hard_negatives=num_hard_negatives)
+            remove_accidental_hits=remove_accidental_hits)
 
     def call(self, query, candidate, batch, training=False):
         prob = batch.get("candidate_prob", batch.get("item_prob"))
         ids = batch.get("candidate_row", batch.get("item_row"))
+        mask = batch.get("score_mask")
+        if self.num_hard_negatives:
+            mask = self._hardest(query, candidate, ids, mask)
         return self.task(
             query, candidate,
             candidate_sampling_probability=prob if self.logq_correction else None,
             candidate_ids=ids if self.remove_accidental_hits else None,
-            score_mask=batch.get("score_mask"),
-            compute_metrics=False, compute_batch_metrics=False)
+            score_mask=mask, compute_metrics=False, compute_batch_metrics=False)
+
+    def _hardest(self, query, candidate, ids, mask):
+        """score_mask [B, C] keeping each query's positive and its k highest-
+        scoring negatives (never a masked pair or a copy of the positive)."""
+        scores = tf.matmul(query, candidate, transpose_b=True)   # [B, C]
+        b, c = tf.shape(scores)[0], tf.shape(scores)[1]
+        positive = tf.eye(b, c, dtype=tf.bool)
+        candidates = tf.logical_not(positive)
+        if mask is not None:
+            candidates = tf.logical_and(candidates, mask)
+        if ids is not None and self.remove_accidental_hits:
+            same = tf.equal(ids[:b, None], ids[None, :])
+            candidates = tf.logical_and(candidates, tf.logical_not(same))
+        ranked = tf.where(candidates, scores, tf.constant(-1e9, scores.dtype))
+        k = tf.minimum(self.num_hard_negatives, c)
+        top = tf.math.top_k(ranked, k=k).indices                   # [B, k]
+        kept = tf.reduce_any(tf.one_hot(top, c, on_value=True, off_value=False,
+                                        dtype=tf.bool), axis=1)
+        return tf.logical_or(positive, tf.logical_and(kept, candidates))
 
 
 class _PerQuery(tf.keras.layers.Layer):

@@ -98,6 +98,19 @@ def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
     return model
 
 
+def _epoch_history(csv_path: Path, fitted: dict) -> dict:
+    """metric -> per-epoch values of the whole run, resumed parts included
+    (an epoch logged twice around a crash keeps its last row)."""
+    try:
+        table = pd.read_csv(csv_path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        table = None
+    if table is None or table.empty or "epoch" not in table:
+        return {k: [float(v) for v in vals] for k, vals in fitted.items()}
+    table = table.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return {k: [float(v) for v in table[k]] for k in table.columns if k != "epoch"}
+
+
 def _num_mined(config: RunConfig) -> int:
     neg = config.sampling.negatives
     if config.objective.kind not in PER_QUERY_OBJECTIVES or neg.hard_source == "ranking_log":
@@ -146,6 +159,11 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     ds = data.dataset(tc.batch_size, tc.seed)
 
     model(next(iter(ds)))  # build variables so BackupAndRestore can restore them all
+    # Every finished epoch's logs, across interruptions: a resumed fit only
+    # reports the epochs it ran itself.
+    history_csv = out / "history.csv"
+    if not (out / "backup").exists():
+        history_csv.unlink(missing_ok=True)   # a fresh run: nothing to continue
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
         tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
@@ -160,6 +178,7 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
             callbacks.append(tf.keras.callbacks.EarlyStopping(
                 tc.early_stopping_metric, mode="max", patience=tc.early_stopping_patience,
                 restore_best_weights=True))
+    callbacks.append(tf.keras.callbacks.CSVLogger(str(history_csv), append=True))
     callbacks += list(extra_callbacks)
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
@@ -167,16 +186,16 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     fit = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
     train_seconds = time.perf_counter() - started
 
+    history = _epoch_history(history_csv, fit.history)
     data = _eval_set(encoded, split_pos, test_pos)
     metrics = {
         "dataset": tables.name,
         "protocol": ev.protocol,
         "train_positives": int(len(train_pos)),
         "train_seconds": round(train_seconds, 2),
-        "epochs_run": len(fit.history.get("loss", [])),
+        "epochs_run": len(history.get("loss", [])),
         "model": evaluate(_model_scores(model, encoded), data, ev.ks),
         "popularity": evaluate(popularity_scores(data), data, ev.ks),
     }
-    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     save_run_artifacts(out, config, model, tables, split_pos, metrics, history)
     return TrainedRun(model, metrics, history, out)
