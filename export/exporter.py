@@ -69,8 +69,9 @@ class _Context:
     items: pd.DataFrame
     catalog_ids: np.ndarray
     catalog_emb: np.ndarray
-    user_inputs: dict  # sample user features, the tower's input columns
+    user_inputs: dict  # sample user features (the checks), the tower's input columns
     query_emb: np.ndarray  # in-memory query tower on user_inputs
+    tune_emb: np.ndarray  # query embeddings of another user sample (ScaNN tuning)
     item_inputs: dict
     options: ExportOptions
 
@@ -112,13 +113,19 @@ def _context(run: TrainedRun, options: ExportOptions) -> _Context:
     catalog_ids, catalog_emb = embed_catalog(run, items, progress=options.progress)
     users_path = run.path / "users.parquet"
     users = pd.read_parquet(users_path)
-    sample = users.sample(min(len(users), options.sample_queries), random_state=0)
-    user_inputs = feature_columns(sample, run.spec["query"], str(users_path))
+    # Two disjoint user samples: the index is tuned on one and checked on the
+    # other, so the recall in the metadata is not measured on its own tuning set.
+    drawn = users.sample(min(len(users), 2 * options.sample_queries), random_state=0)
+    half = len(drawn) // 2 if len(drawn) > 1 else len(drawn)
+    tune_inputs = feature_columns(drawn.iloc[:half], run.spec["query"], str(users_path))
+    user_inputs = feature_columns(drawn.iloc[half:] if len(drawn) > 1 else drawn,
+                                  run.spec["query"], str(users_path))
     query_emb = run.embed("query", user_inputs)
+    tune_emb = run.embed("query", tune_inputs)
     item_sample = items.sample(min(len(items), 64), random_state=0)
     item_inputs = feature_columns(item_sample, run.spec["candidate"], "item table")
-    return _Context(run, items, catalog_ids, catalog_emb, user_inputs, query_emb, item_inputs,
-                    options)
+    return _Context(run, items, catalog_ids, catalog_emb, user_inputs, query_emb, tune_emb,
+                    item_inputs, options)
 
 
 def _tuning(ctx: _Context) -> TuningResult:
@@ -126,7 +133,7 @@ def _tuning(ctx: _Context) -> TuningResult:
     k = min(o.k, len(ctx.catalog_ids))
     if o.scann_params is not None:
         return TuningResult(o.scann_params, float("nan"), float("nan"), float("nan"))
-    return tune(ctx.catalog_emb, ctx.query_emb, k, o.recall_target)
+    return tune(ctx.catalog_emb, ctx.tune_emb, k, o.recall_target)
 
 
 def _head(inputs: dict, n: int) -> dict:
@@ -228,12 +235,15 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -
                 "latency": _latency(model, ctx.user_inputs)}
 
 
-def _latency(model: SessionModel, inputs: dict, n: int = 50) -> dict:
-    """p50/p99 single-query latency (ms) through the session, as the server runs it."""
+def _latency(model: SessionModel, inputs: dict, n: int = 301) -> dict:
+    """p50/p99 single-query latency (ms) through the session, as the server runs it
+    (300 timed queries, so p99 is not simply the slowest one; users cycle)."""
     sig = model.signatures["serving_default"]
     fetch = [v.name for v in sig.outputs.values()]
     times = []
-    for i in range(min(n, len(next(iter(inputs.values()))))):
+    rows = len(next(iter(inputs.values())))
+    for j in range(n):
+        i = j % rows
         feed = {sig.inputs[a].name: v[i:i + 1] for a, v in inputs.items()}
         t = time.perf_counter()
         model.session.run(fetch, feed)

@@ -35,8 +35,13 @@ class TuningResult:
     trials: list = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"params": asdict(self.params), "recall": self.recall, "p50_ms": self.p50_ms,
-                "batched_ms_per_query": self.batched_ms_per_query, "trials": self.trials}
+        """JSON-ready: figures not measured (given params) are null, not NaN."""
+        def number(x):
+            return None if x is None or math.isnan(x) else x
+        return {"params": asdict(self.params), "recall": number(self.recall),
+                "p50_ms": number(self.p50_ms),
+                "batched_ms_per_query": number(self.batched_ms_per_query),
+                "trials": self.trials}
 
 
 def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Optional
 
 
 LOCK_FILE = ".export.lock"   # not an integer: TF Serving ignores it
+STAGING_PREFIX = ".staging-"
 
 
 class VersionError(ValueError):
@@ -72,7 +73,7 @@ class StagedVersion:
         if model_name not in self._dirs:
             model_dir = self.model_base / model_name
             model_dir.mkdir(parents=True, exist_ok=True)
-            staging = model_dir / f".staging-{self.version}-{uuid.uuid4().hex[:8]}"
+            staging = model_dir / f"{STAGING_PREFIX}{self.version}-{uuid.uuid4().hex[:8]}"
             staging.mkdir()
             self._dirs[model_name] = staging
         return self._dirs[model_name]
@@ -135,6 +136,9 @@ def export_lock(model_base: Path):
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
         f.flush()
+        # holding the lock, any staging directory is a killed export's leftover
+        for stale in model_base.glob(f"*/{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             yield
         finally:

@@ -1,6 +1,5 @@
 """Exported SavedModels: signatures, ids, exclusion, versions, metadata, refresh."""
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -120,8 +119,10 @@ def test_publish_is_all_or_nothing_and_exports_are_locked(tmp_path):
         with pytest.raises(VersionError, match="another export into .* is running"):
             with export_lock(base):
                 pass
-    with export_lock(base):   # released: free again
-        pass
+    leftover = base / "a" / ".staging-7-deadbeef"   # a killed export's staging dir
+    leftover.mkdir()
+    with export_lock(base):   # released: free again, and it clears the leftover
+        assert not leftover.exists()
 
 
 def test_metadata_contents(exported):
