@@ -132,6 +132,18 @@ def test_num_hard_negatives_keeps_the_hardest():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_logq_correction_is_exact_for_tiny_probabilities():
+    """Probabilities far below TFRS's 1e-6 clip (a big catalog's tail) are still
+    corrected by their own -log q."""
+    cands = np.array([[0.8, 0.6], [0.0, 1.0]], np.float32)
+    prob = np.array([2e-9, 5e-8], np.float32)
+    obj = InBatchSoftmax(0.5, logq_correction=True, remove_accidental_hits=False)
+    got = float(obj(tf.constant(Q), tf.constant(cands), {"item_prob": tf.constant(prob)}))
+    logits = Q @ cands.T / 0.5 - np.log(prob.astype(np.float64))[None, :]
+    np.testing.assert_allclose(got, _softmax_loss(logits, np.ones_like(logits, bool)),
+                               rtol=1e-5)
+
+
 def test_hard_negatives_are_chosen_on_raw_scores_before_logq():
     """A popular negative the model scores high (cos 0.9, p 0.5) is harder than a
     rare one it scores low (cos 0.5, p 0.001): mining keeps the popular one even

@@ -55,6 +55,12 @@ class InBatchSoftmax(tf.keras.layers.Layer):
 
     def call(self, query, candidate, batch, training=False):
         prob = batch.get("candidate_prob", batch.get("item_prob"))
+        if prob is not None:
+            # TFRS clips q to [1e-6, 1] before the log. Dividing by the batch's
+            # largest q shifts every logit by the same log(max q), which leaves
+            # the softmax unchanged, and keeps items down to 1e-6 x the most
+            # popular one exactly corrected (not only those with q >= 1e-6).
+            prob = prob / tf.reduce_max(prob)
         ids = batch.get("candidate_row", batch.get("item_row"))
         mask = batch.get("score_mask")
         if self.num_hard_negatives:
