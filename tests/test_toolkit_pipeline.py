@@ -79,6 +79,18 @@ def test_exposed_not_clicked_items_are_never_retrieval_negatives(tables):
     assert seen_neg > 500
 
 
+def test_mining_pool_holds_distinct_items(tables):
+    """Catalog draws repeat popular items; the pool the model mines from does not."""
+    cfg = config(objective={"kind": "listwise"},
+                 sampling={"negatives": {"num_negatives": 4, "hard_fraction": 0.5,
+                                         "hard_source": "mined", "mining_pool": 64}})
+    data, enc, _, _ = pipeline(tables, cfg)
+    for batch in data.dataset(32, seed=0).take(3):
+        ids = batch["pool"]["item_id"].numpy()
+        assert 1 < len(ids) <= 64 and len(set(ids)) == len(ids)
+        assert batch["pool_excluded"].shape == (32, len(ids))
+
+
 def test_extra_candidates_mask_the_users_own_items(tables):
     cfg = config(sampling={"negatives": {"extra_candidates": 40}})
     data, enc, pos, exposed = pipeline(tables, cfg)

@@ -241,7 +241,9 @@ class TrainingData:
             valid.append(tf.logical_or(has, v_f))
             logq.append(tf.where(has, 0.0, tf.math.log(self.num_hard * tf.gather(self._q, r_f))))
         elif self.hard_source == "mined":
-            pool = self.catalog.sample([neg.mining_pool], seed + tf.constant([0, 4], tf.int64))
+            # distinct items: a popular item drawn twice must not be mined twice
+            pool = tf.unique(self.catalog.sample([neg.mining_pool],
+                                                 seed + tf.constant([0, 4], tf.int64))).y
             out["pool"] = self._items(pool)
             out["pool_excluded"] = self.exclusion.contains(u[:, None], pool[None, :])
         if rows:
