@@ -27,6 +27,7 @@ times with exponential backoff and full jitter. Other errors raise
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import random
 import threading
@@ -115,19 +116,42 @@ def _column(alias: str, values: Sequence[Any], dtype: int) -> np.ndarray:
                            f"{types_pb2.DataType.Name(dtype)}")
     try:
         if dtype == types_pb2.DT_BOOL:
-            return np.array([str(v).lower() in ("1", "true") if isinstance(v, str) else bool(v)
-                             for v in values], dtype=np.bool_)
-        return np.array([float(v) if np.issubdtype(_NUMPY[dtype], np.floating) else int(v)
-                         for v in values], dtype=_NUMPY[dtype])
+            return np.array([_bool(v) for v in values], dtype=np.bool_)
+        if np.issubdtype(_NUMPY[dtype], np.floating):   # missing ("" / None): NaN = unknown
+            return np.array([np.nan if v is None or v == "" else float(v) for v in values],
+                            dtype=_NUMPY[dtype])
+        return np.array([_int(v) for v in values], dtype=_NUMPY[dtype])
     except (TypeError, ValueError) as err:
         bad = next((v for v in values if not _is_number(v, dtype)), None)
         raise FeatureError(f"feature '{alias}' expects {types_pb2.DataType.Name(dtype)}, "
                            f"got {bad!r}") from err
 
 
+def _int(v) -> int:
+    """An integer value; 31.0 and "31" are, 31.7 is not (no silent truncation)."""
+    if isinstance(v, (float, np.floating)):
+        if not float(v).is_integer():
+            raise ValueError(f"{v!r} is not an integer")
+        return int(v)
+    return int(v)
+
+
+def _bool(v) -> bool:
+    if isinstance(v, str):
+        if v.lower() in ("1", "true"):
+            return True
+        if v.lower() in ("0", "false", ""):
+            return False
+        raise ValueError(f"{v!r} is not a boolean")
+    return bool(v)
+
+
 def _is_number(v, dtype) -> bool:
     try:
-        float(v) if np.issubdtype(_NUMPY[dtype], np.floating) else int(v)
+        if dtype == types_pb2.DT_BOOL:
+            _bool(v)
+            return True
+        float(v) if np.issubdtype(_NUMPY[dtype], np.floating) else _int(v)
         return True
     except (TypeError, ValueError):
         return False
@@ -350,7 +374,12 @@ class ServingClient:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
+                body = resp.read()
+            try:
+                return json.loads(body)
+            except ValueError as err:   # not JSON (or not UTF-8): not TF Serving's answer
+                raise _Failure("INTERNAL", f"{self._base_url}{path} answered a body that "
+                                           f"is not JSON ({err})") from None
         except urllib.error.HTTPError as err:
             text = err.read().decode(errors="replace")
             try:
@@ -359,6 +388,8 @@ class ServingClient:
                 message = text
             raise _Failure(_HTTP_TO_CODE.get(err.code, "INTERNAL"),
                            f"HTTP {err.code}: {message}") from None
+        except http.client.HTTPException as err:   # e.g. IncompleteRead: connection cut
+            raise _Failure("UNAVAILABLE", f"{self._base_url}{path}: {err!r}") from None
         except (TimeoutError, ConnectionError, urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             if isinstance(reason, TimeoutError) or "timed out" in str(reason):
@@ -376,10 +407,16 @@ class ServingClient:
                 code, message = err.code().name, err.details() or ""
             except _Failure as err:
                 code, message = err.code, err.message
-            if code not in RETRYABLE_CODES or attempts > self.retries:
+            if not _retryable(code, message) or attempts > self.retries:
                 raise ServingError(code, message, attempts) from None
             delay = min(self.max_backoff_s, self.backoff_s * (2 ** (attempts - 1)))
             time.sleep(random.uniform(0, delay))   # full jitter
+
+
+def _retryable(code: str, message: str) -> bool:
+    """UNAVAILABLE, or RESOURCE_EXHAUSTED from a full batch queue; not a message
+    over gRPC's size limit (also RESOURCE_EXHAUSTED), which fails every time."""
+    return code in RETRYABLE_CODES and "larger than max" not in message
 
 
 class _Failure(Exception):
@@ -409,11 +446,21 @@ def _json_strings(value):
 
 
 def _pad_seen(seen: Sequence[Iterable[str]]) -> np.ndarray:
+    """[rows, width] seen ids padded with "", and always "" at [0, 0].
+
+    TF Serving's server-side batching pads each request's narrower
+    ``seen_item_ids`` with that request's first element: it must be "" or
+    the other users of a merged batch would lose that item too. Row 0's ids
+    therefore start one column in (order does not matter for exclusion).
+    """
     lists = [[_to_str(s) for s in row] if row is not None else [] for row in seen]
     width = max(1, max((len(r) for r in lists), default=0))
+    if lists and lists[0] and b"" not in lists[0] and len(lists[0]) >= width:
+        width += 1
     out = np.full((len(lists), width), b"", dtype=object)
     for i, row in enumerate(lists):
-        out[i, :len(row)] = row
+        start = 1 if i == 0 and b"" not in row else 0
+        out[i, start:start + len(row)] = row
     return out
 
 

@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 def _table_features(path: str, user_id: str, id_column: str, names: list[str]) -> dict:
     import pandas as pd  # only the --users-table path needs it
 
-    table = pd.read_csv(path, dtype={id_column: str}) if path.endswith(".csv") \
+    # a CSV is read as text ("02134" stays "02134", an empty cell is ""); the
+    # client converts each feature to its signature dtype
+    table = pd.read_csv(path, dtype=str, keep_default_na=False) if path.endswith(".csv") \
         else pd.read_parquet(path)
     if id_column not in table.columns:
         raise ClientError(f"{path}: no column '{id_column}' (columns: {list(table.columns)})")
@@ -100,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 features = {**table, **features}   # --feature overrides the table
             results = client.recommend(features, k=args.k, seen_item_ids=seen)
             version = client.last_model_version
-    except (ClientError, ValueError) as err:
+    except (ClientError, ValueError, OSError) as err:
         print(f"twotower-client: error: {err}", file=sys.stderr)
         return 1
     if args.json:

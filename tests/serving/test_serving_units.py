@@ -225,3 +225,35 @@ def test_signature_method_name_checked_like_tf_serving():
         Signature("serving_default", sig_def).check_method()
     assert err.value.code == grpc.StatusCode.INTERNAL
     assert err.value.message.endswith("}. Was: my/own/method")
+
+
+def test_client_pads_seen_ids_so_tf_serving_batching_pads_with_empty():
+    """TF Serving's batcher pads a request's narrower seen_item_ids with its first
+    element: the client keeps "" there, so merged requests lose nothing extra."""
+    from serving.client import _pad_seen
+
+    out = _pad_seen([["a", "b"], ["c"]])
+    assert out[0, 0] == b"" and set(out[0]) == {b"", b"a", b"b"}
+    assert out.shape == (2, 3) and list(out[1]) == [b"c", b"", b""]
+    out = _pad_seen([["a"], ["c", "d", "e"]])      # row 0 narrower: no extra column
+    assert out.shape == (2, 3) and out[0, 0] == b"" and b"a" in set(out[0])
+    assert _pad_seen([[], ["x"]])[0, 0] == b""
+
+
+def test_client_converts_features_without_silent_loss():
+    from tensorflow.core.framework import types_pb2
+
+    from serving.client import FeatureError, _column, _retryable
+
+    assert _column("n", [31.0, "4"], types_pb2.DT_INT64).tolist() == [31, 4]
+    with pytest.raises(FeatureError, match="feature 'n' expects DT_INT64, got 31.7"):
+        _column("n", [31.7], types_pb2.DT_INT64)
+    assert _column("b", ["true", "0", 1], types_pb2.DT_BOOL).tolist() == [True, False, True]
+    with pytest.raises(FeatureError, match="got 'yes'"):
+        _column("b", ["yes"], types_pb2.DT_BOOL)
+    age = _column("age", ["31", "", None], types_pb2.DT_FLOAT)   # missing: NaN = unknown
+    assert age[0] == 31.0 and np.isnan(age[1:]).all()
+    assert _retryable("UNAVAILABLE", "") and _retryable("RESOURCE_EXHAUSTED", "queue is full")
+    assert not _retryable("RESOURCE_EXHAUSTED",
+                          "Received message larger than max (9 vs. 4)")
+    assert not _retryable("INVALID_ARGUMENT", "")
