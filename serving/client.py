@@ -263,6 +263,31 @@ class ServingClient:
         """The raw feature inputs of a signature (``seen_item_ids`` excluded)."""
         return sorted(a for a in self.input_spec(signature_name) if a != SEEN_INPUT)
 
+    def refresh(self) -> None:
+        """Forgets the cached signatures; the next call fetches them again."""
+        with self._lock:
+            self._signatures = None
+
+    def _fresh(self, fn):
+        """``fn()``; when the cached signature or the server rejects the request,
+        fetch the signatures again and, if a new model version changed them
+        (inputs, k), retry once with them."""
+        try:
+            return fn()
+        except (ValueError, ServingError) as err:   # FeatureError is a ValueError
+            if isinstance(err, ServingError) and err.code not in ("INVALID_ARGUMENT",
+                                                                  "FAILED_PRECONDITION"):
+                raise
+            stale = self._signatures
+            self.refresh()
+            try:
+                fresh = self._metadata()
+            except ClientError:
+                raise err from None
+            if fresh == stale:
+                raise
+        return fn()
+
     def _metadata(self) -> tuple[dict, dict]:
         with self._lock:
             if self._signatures is None:
@@ -482,14 +507,19 @@ class RetrievalClient(ServingClient):
     def recommend_batch(self, users: Sequence[Mapping[str, Any]], k: Optional[int] = None,
                         seen_item_ids: Optional[Sequence[Iterable[str]]] = None
                         ) -> list[list[Recommendation]]:
-        """One Predict for several users; ``seen_item_ids``: one list per user (ragged ok)."""
+        """One Predict for several users; ``seen_item_ids``: one list per user (ragged ok).
+        A request the model's signature rejects is retried once with freshly fetched
+        signatures when a new version changed them."""
         users = list(users)
+        seen = None if seen_item_ids is None else list(seen_item_ids)
+        return self._fresh(lambda: self._recommend_batch(users, k, seen))
+
+    def _recommend_batch(self, users, k, seen_item_ids) -> list[list[Recommendation]]:
         if k is not None and k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         if seen_item_ids is None:
             signature, extra = DEFAULT_SIGNATURE, None
         else:
-            seen_item_ids = list(seen_item_ids)
             if len(seen_item_ids) != len(users):
                 raise FeatureError(f"seen_item_ids has {len(seen_item_ids)} lists for "
                                    f"{len(users)} users")
@@ -522,7 +552,8 @@ class TowerClient(ServingClient):
     def embed(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> np.ndarray:
         """[n, d] float32 embeddings for raw feature rows (one dict gives n = 1)."""
         rows = [rows] if isinstance(rows, Mapping) else list(rows)
-        out = self.predict(self.build_inputs(rows), DEFAULT_SIGNATURE, ("embedding",))
+        out = self._fresh(lambda: self.predict(self.build_inputs(rows), DEFAULT_SIGNATURE,
+                                               ("embedding",)))
         return np.asarray(out["embedding"], dtype=np.float32)
 
 

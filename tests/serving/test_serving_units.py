@@ -257,3 +257,33 @@ def test_client_converts_features_without_silent_loss():
     assert not _retryable("RESOURCE_EXHAUSTED",
                           "Received message larger than max (9 vs. 4)")
     assert not _retryable("INVALID_ARGUMENT", "")
+
+
+def test_client_refetches_signatures_after_a_new_version_changed_them():
+    """A long-lived client whose cached signature went stale (a hot swap added a
+    feature) fetches the signatures again and retries once; an unchanged
+    signature re-raises the original error."""
+    from tensorflow.core.framework import types_pb2
+
+    from serving.client import FeatureError, InputSpec, RetrievalClient
+
+    def sigs(features):
+        inputs = {f: InputSpec(types_pb2.DT_STRING, (-1,)) for f in features}
+        outputs = {"item_ids": InputSpec(types_pb2.DT_STRING, (-1, 2)),
+                   "scores": InputSpec(types_pb2.DT_FLOAT, (-1, 2))}
+        return {"serving_default": inputs}, {"serving_default": outputs}
+
+    served = {"now": sigs(["user_id"])}
+    fetches, sent = [], []
+    client = RetrievalClient("localhost:1", transport="rest")
+    client._fetch_signatures = lambda: fetches.append(1) or served["now"]
+    client.predict = lambda inputs, sig, output_filter=(): sent.append(sorted(inputs)) or {
+        "item_ids": np.array([[b"i1", b""]], dtype=object),
+        "scores": np.array([[0.5, -np.inf]], np.float32)}
+    assert client.recommend({"user_id": "u"}) == [("i1", 0.5)]
+    served["now"] = sigs(["user_id", "country"])        # version 2 takes a new feature
+    assert client.recommend({"user_id": "u", "country": "de"}) == [("i1", 0.5)]
+    assert len(fetches) == 2 and sent[-1] == ["country", "user_id"]
+    with pytest.raises(FeatureError, match="unknown feature"):   # a real mistake
+        client.recommend({"user_id": "u", "country": "de", "colour": "red"})
+    assert len(fetches) == 3
