@@ -226,7 +226,8 @@ def test_scann_tuning_meets_recall_and_sweeps_both_ah_block_sizes():
     assert result.recall >= 0.91
     assert result.params.dimensions_per_block in (1, 2)
     chosen = [t for t in result.trials if t["recall"] >= 0.91]
-    assert result.p50_ms == min(t["p50_ms"] for t in chosen)
+    # the lowest search cost per query among the settings that reach the target
+    assert result.batched_ms_per_query == min(t["batched_ms_per_query"] for t in chosen)
 
 
 def test_csv_item_table_keeps_ids_and_strings_as_text(tmp_path):
