@@ -129,10 +129,8 @@ def _column(alias: str, values: Sequence[Any], dtype: int) -> np.ndarray:
 
 def _int(v) -> int:
     """An integer value; 31.0 and "31" are, 31.7 is not (no silent truncation)."""
-    if isinstance(v, (float, np.floating)):
-        if not float(v).is_integer():
-            raise ValueError(f"{v!r} is not an integer")
-        return int(v)
+    if isinstance(v, (float, np.floating)) and not float(v).is_integer():
+        raise ValueError(f"{v!r} is not an integer")
     return int(v)
 
 
