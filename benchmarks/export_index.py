@@ -64,16 +64,9 @@ class Served:
         self.servable.close()
 
 
-def measure(models: dict[str, "Served"], queries: dict, n_single: int,
-            batch: int) -> dict:
+def latency(models: dict[str, "Served"], queries: dict, n_single: int) -> dict:
+    """name -> {p50_ms, p99_ms} of single queries, the models interleaved query by query."""
     n = len(next(iter(queries.values())))
-    out = {name: {} for name in models}
-    results = {name: [] for name in models}
-    for s in range(0, n, 64):  # full result sets for recall, 64 queries a call
-        for name, m in models.items():
-            results[name].append(m.run(rows(queries, s, s + 64))["item_ids"])
-    for name in models:
-        out[name]["ids"] = np.concatenate(results[name])
     times = {name: [] for name in models}
     for i in range(n_single + 5):
         q = rows(queries, i % n, i % n + 1)
@@ -82,9 +75,21 @@ def measure(models: dict[str, "Served"], queries: dict, n_single: int,
             m.run(q)
             if i >= 5:  # warm-up calls are not counted
                 times[name].append((time.perf_counter() - t) * 1000)
+    return {name: {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99))}
+            for name, t in times.items()}
+
+
+def measure(models: dict[str, "Served"], queries: dict, n_single: int,
+            batch: int) -> dict:
+    """name -> result ids (for recall), single-query latency and batched QPS."""
+    n = len(next(iter(queries.values())))
+    out = latency(models, queries, n_single)
+    results = {name: [] for name in models}
+    for s in range(0, n, 64):  # full result sets for recall, 64 queries a call
+        for name, m in models.items():
+            results[name].append(m.run(rows(queries, s, s + 64))["item_ids"])
     for name in models:
-        out[name]["p50_ms"] = float(np.percentile(times[name], 50))
-        out[name]["p99_ms"] = float(np.percentile(times[name], 99))
+        out[name]["ids"] = np.concatenate(results[name])
     for name, m in models.items():
         b = rows(queries, 0, batch)
         m.run(b)
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
         r = recall(m["scann"]["ids"], m["exact"]["ids"])
         defaults = {"scann": Served(result.paths["retrieval"]),
                     "exact": Served(result.paths["retrieval_exact"])}
-        d = measure(defaults, rows(queries, 0, args.single), args.single, args.batch)
+        d = latency(defaults, queries, args.single)
         for model in defaults.values():
             model.close()
         default_note.append(

@@ -3,8 +3,9 @@
 One ScaNN searcher is built per tree size (number of leaves ~ sqrt(N)); the
 query-time knobs (leaves to search, candidates re-scored exactly) are swept on
 it against exact top-k of sampled queries. The setting with the lowest
-search cost per query whose recall meets the target wins; the final index is then built through TFRS's ScaNN
-layer with those parameters (and its recall re-checked by export.verify).
+search cost per query whose recall meets the target wins; the final index is
+then built through TFRS's ScaNN layer with those parameters (and its recall
+re-checked by export.verify).
 """
 from __future__ import annotations
 

@@ -253,12 +253,11 @@ class ServableManager:
                 if entry.removed or any(s.state == State.AVAILABLE
                                         for s in entry.versions.values()):
                     continue
-                if not entry.versions and include_empty:
-                    out.append(f"{{name: {name}}} due to error: NOT_FOUND: No versions of "
-                               f"servable {name} found under base path "
-                               f"{entry.config.base_path}")
-                    continue
                 if not entry.versions:
+                    if include_empty:
+                        out.append(f"{{name: {name}}} due to error: NOT_FOUND: No versions "
+                                   f"of servable {name} found under base path "
+                                   f"{entry.config.base_path}")
                     continue
                 version = max(entry.versions)
                 err = entry.versions[version].error

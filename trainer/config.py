@@ -274,6 +274,20 @@ class TrainingConfig(_Strict):
     early_stopping_metric: str = "val_hr@100"
     validation_fraction: float = Field(0.0, ge=0.0, lt=0.5)
 
+    @field_validator("early_stopping_metric")
+    @classmethod
+    def _logged_metric(cls, metric: str) -> str:
+        k = metric.removeprefix("val_hr@")
+        if k == metric or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"training.early_stopping_metric must be val_hr@K (K > 0), "
+                             f"got {metric!r}")
+        return metric
+
+    @property
+    def early_stopping_k(self) -> int:
+        """The K of ``early_stopping_metric`` (val_hr@K), logged by validation."""
+        return int(self.early_stopping_metric.removeprefix("val_hr@"))
+
 
 # --------------------------------------------------------------------- evaluation
 class EvaluationConfig(_Strict):
@@ -345,10 +359,6 @@ class RunConfig(_Strict):
         if tc.early_stopping_patience and not tc.validation_fraction:
             raise ValueError("training.early_stopping_patience needs "
                              "training.validation_fraction > 0 (it watches validation HR@K)")
-        metric = tc.early_stopping_metric
-        if not (metric.startswith("val_hr@") and metric[7:].isdigit() and int(metric[7:]) > 0):
-            raise ValueError(f"training.early_stopping_metric must be val_hr@K (K > 0), "
-                             f"got {metric!r}")
 
 
 class ConfigError(ValueError):

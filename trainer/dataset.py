@@ -203,12 +203,12 @@ class TrainingData:
             # With a history feature the mask is always on: the user's other
             # items are in its history but never its left-out target, so as
             # in-batch negatives they would teach "in my history -> dislike".
-            if neg.mask_user_positives or self.history is not None:
-                own = self.exclusion.contains(u[:, None], i[None, :])
+            # Otherwise only the user's exposed-not-clicked items are masked.
+            masked = (self.exclusion if neg.mask_user_positives or self.history is not None
+                      else self.exposures)
+            if masked is not None:
+                own = masked.contains(u[:, None], i[None, :])
                 masks.append(tf.logical_or(tf.logical_not(own), tf.cast(tf.eye(b), tf.bool)))
-            elif self.exposures is not None:
-                shown = self.exposures.contains(u[:, None], i[None, :])
-                masks.append(tf.logical_or(tf.logical_not(shown), tf.cast(tf.eye(b), tf.bool)))
             if neg.extra_candidates:
                 extra = self.catalog.sample([neg.extra_candidates], seed)
                 out["extra"] = self._items(extra)

@@ -171,9 +171,8 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
         tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
     ]
     if val_pos is not None:
-        watched = int(tc.early_stopping_metric.split("@")[1])
         callbacks.insert(0, ValidationHitRate(encoded, _eval_set(encoded, train_pos, val_pos),
-                                              ks=tuple(sorted({10, 100, watched}))))
+                                              ks=tuple(sorted({10, 100, tc.early_stopping_k}))))
         if tc.early_stopping_patience:
             callbacks.append(tf.keras.callbacks.EarlyStopping(
                 tc.early_stopping_metric, mode="max", patience=tc.early_stopping_patience,
