@@ -28,6 +28,8 @@ setup(
         "pandas>=2.2",
         "pyarrow>=14",
         "numpy>=1.26",
+        # sparse click matrices and LAPACK Cholesky for the EASE reference (trainer.ease)
+        "scipy>=1.11",
         "pydantic>=2.5,<3",
         "PyYAML>=6",
         "tqdm>=4.66",
