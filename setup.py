@@ -39,6 +39,8 @@ setup(
         # the front ends' event loop (serving.loop_thread); not built for Windows
         "uvloop>=0.19; sys_platform != 'win32'",
         "prometheus-client>=0.19",
+        # trainer.tune: TPE search, median pruning, SQLite studies that resume
+        "optuna>=4.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
@@ -46,6 +48,7 @@ setup(
     entry_points={
         "console_scripts": [
             "twotower-train=trainer.cli:main",
+            "twotower-tune=trainer.tune:main",
             "twotower-export=export.cli:main",
             "twotower-serve=serving.cli:main",
             "twotower-client=serving.client_cli:main",

@@ -11,6 +11,8 @@ from typing import Annotated, Literal, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer.tuning_space import TuningConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -321,6 +323,7 @@ class RunConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    tuning: Optional[TuningConfig] = None   # read by python -m trainer.tune only
 
     @model_validator(mode="after")
     def _objective_fits(self) -> "RunConfig":
