@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from trainer.batches import TrainingBatches
 from trainer.config import parse_config
 from trainer.data.synthetic import generate
-from trainer.dataset import EncodedTables, TrainingData
 from trainer.evaluation import split_interactions
-from trainer.history import with_history
+from trainer.prepare import prepare_data
 from trainer.train import train
 
 IDS = {"user": [{"name": "user_id", "type": "categorical", "embedding_dim": 8}],
@@ -40,15 +40,11 @@ def tables():
 
 
 def pipeline(tables, cfg):
-    train_rows, _ = split_interactions(tables.interactions, "random")
-    pos = train_rows[train_rows["clicked"] == 1]
-    exposed = train_rows[train_rows["clicked"] == 0]
-    tables = with_history(tables, pos, cfg.features.user)
-    enc = EncodedTables.build(tables.users, tables.items, cfg.features.user, cfg.features.item)
-    labelled = (pd.concat([pos, exposed]) if cfg.objective.kind == "matrix_factorization"
-                else None)
-    data = TrainingData(enc, pos, exposed, cfg, tables.ranking_log, labelled)
-    return data, enc, pos, exposed
+    """train()'s own prepare step, then the batches it trains on."""
+    prepared = prepare_data(cfg, tables)
+    splits = prepared.splits
+    return (TrainingBatches(prepared, cfg), prepared.encoded, splits.train_positives,
+            splits.exposed)
 
 
 def pairs(df, enc):
