@@ -11,9 +11,9 @@ def test_categorical_oov_shares_one_bucket():
     enc = CategoricalEncoder(embedding_dim=4, num_oov_buckets=1)
     enc.adapt(np.array(["a", "b", "c"], dtype=object))
     assert enc.vocabulary_size == 4  # 3 known + 1 OOV
+    out = enc(tf.constant(["a", "zzz", "yyy"])).numpy()
     idx = enc.lookup(tf.constant(["a", "zzz", "yyy"])).numpy()
     assert idx[1] == idx[2] == 0 and idx[0] > 0
-    out = enc(tf.constant(["a", "zzz", "yyy"])).numpy()
     assert out.shape == (3, 4)
     np.testing.assert_allclose(out[1], out[2])
     assert not np.allclose(out[0], out[1])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="partial YAML config merged over --config (repeatable), e.g. "
                         "configs/variants/listwise.yaml (docs/TOOLKIT.md)")
     p.add_argument("--output", type=Path, required=True,
-                   help="run directory to write (re-running resumes an interrupted run)")
+                   help="run directory to write; it is replaced only when the training "
+                        "finished (re-running resumes an interrupted run)")
     p.add_argument("--data-path", default=None,
                    help="override data.path in the config (e.g. a MovieLens directory)")
     p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
@@ -28,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
 

@@ -38,42 +38,63 @@ def _not_adapted(layer) -> ValueError:
 def _embedding_for(layer, rows: int) -> tf.keras.layers.Embedding:
     """The encoder's embedding table [rows, embedding_dim]; its weights are made on
     its first call, so towers draw initial values in the same order as always."""
-    if rows <= 0:
-        raise _not_adapted(layer)
     return tf.keras.layers.Embedding(rows, layer.embedding_dim, name="embedding")
 
 
-class _GrowableVocabulary:
-    """Vocabulary growth in place for encoders whose ids go through ``self.lookup``
-    (a StringLookup) into ``self.embedding``.
+def _adapted_terms(values: np.ndarray, max_tokens, num_oov: int) -> list[str]:
+    """The vocabulary Keras's StringLookup adapts to (by frequency), OOV excluded."""
+    scratch = tf.keras.layers.StringLookup(num_oov_indices=num_oov, max_tokens=max_tokens,
+                                           mask_token=None)
+    scratch.adapt(np.asarray(values, dtype=object).astype(str))
+    return [str(t) for t in scratch.get_vocabulary(include_special_tokens=False)]
 
-    ``grow_vocabulary(values)`` appends the values not yet in the vocabulary: every
-    known value keeps its index and its embedding row bit for bit, the new values
-    get new rows at the end (drawn from the embedding's initializer). The
-    embedding variable is replaced by a larger one, so traced functions and
-    optimizer slots made before must be made again (``Tower.grow_vocabularies``
-    drops the tower's traced inference function).
+
+class _Vocabulary:
+    """Encoders whose values go through a StringLookup (``self.lookup``, made in
+    ``build`` from ``self.terms``) into an embedding table (``self.embedding``).
+
+    ``terms`` is the vocabulary without the OOV buckets (indices
+    0..num_oov_buckets-1 come first), learned by ``adapt`` and part of the
+    config. ``grow_vocabulary(values)`` appends the values not yet in it: every
+    known value keeps its index and its embedding row bit for bit, the new ones
+    get new rows at the end (fresh initial values). A built encoder's embedding
+    variable is replaced by a larger one, so functions traced and optimizer
+    slots made before must be made again.
     """
 
     def vocabulary_terms(self) -> list[str]:
-        return [str(t) for t in self.lookup.get_vocabulary(include_special_tokens=False)]
+        return list(self.terms or [])
 
-    def _new_terms(self, values) -> list[str]:
-        return list(values)
+    def _split(self, values) -> list[str]:
+        """The vocabulary entries in a column of raw values."""
+        return [str(v) for v in values]
+
+    def adapt(self, values: np.ndarray) -> None:
+        self.terms = _adapted_terms(self._split(values) or ["<none>"], self.max_tokens,
+                                    self.num_oov_buckets)
+
+    def _build_lookup(self) -> None:
+        if not self.terms:
+            raise _not_adapted(self)
+        self.lookup = tf.keras.layers.StringLookup(
+            num_oov_indices=self.num_oov_buckets, max_tokens=self.max_tokens,
+            mask_token=None, vocabulary=list(self.terms))
+        self.embedding = _embedding_for(self, self.num_oov_buckets + len(self.terms))
 
     def grow_vocabulary(self, values) -> list[str]:
-        """Append unseen ``values`` [n] (strings) to the vocabulary; returns those added."""
+        """Append unseen ``values`` [n] to the vocabulary; returns those added."""
         terms = self.vocabulary_terms()
         known = set(terms)
-        added = list(dict.fromkeys(t for t in self._new_terms(values) if t not in known))
+        added = list(dict.fromkeys(t for t in self._split(values) if t not in known))
         if not added:
             return []
         size = self.num_oov_buckets + len(terms) + len(added)
         if self.max_tokens is not None and size > self.max_tokens:
             raise ValueError(f"encoder '{self.name}': growing the vocabulary by {len(added)} "
                              f"values needs {size} rows, over max_tokens={self.max_tokens}")
-        self.lookup.set_vocabulary(terms + added)
+        self.terms = terms + added
         if self.built:
+            self.lookup.set_vocabulary(list(self.terms))
             old = self.embedding.embeddings
             self.embedding = _embedding_for(self, size)
             self.embedding.build(None)  # fresh initial values; the old rows go on top
@@ -83,12 +104,10 @@ class _GrowableVocabulary:
 
 
 @tf.keras.utils.register_keras_serializable(package="trainer")
-class CategoricalEncoder(_GrowableVocabulary, tf.keras.layers.Layer):
+class CategoricalEncoder(_Vocabulary, tf.keras.layers.Layer):
     """string [batch] -> vocabulary (or hash) index -> embedding [batch, dim].
 
-    ``terms``: the vocabulary (without the OOV buckets, which take indices
-    0..num_oov_buckets-1), set by ``adapt`` and part of the config, so
-    ``from_config`` plus a checkpoint restores a trained encoder exactly.
+    ``terms``: the adapted vocabulary (see ``_Vocabulary``); hashing needs none.
     """
 
     def __init__(self, embedding_dim: int, vocabulary: str = "adapt",
@@ -100,30 +119,30 @@ class CategoricalEncoder(_GrowableVocabulary, tf.keras.layers.Layer):
         self.num_oov_buckets = num_oov_buckets
         self.max_tokens = max_tokens
         self.hash_bins = hash_bins
-        if vocabulary == "hashing":
-            self.lookup = tf.keras.layers.Hashing(num_bins=hash_bins)
-        else:
-            self.lookup = tf.keras.layers.StringLookup(
-                num_oov_indices=num_oov_buckets, max_tokens=max_tokens, mask_token=None,
-                vocabulary=terms or None)
+        self.terms = list(terms) if terms else None
+
+    @property
+    def hashing(self) -> bool:
+        return self.vocabulary == "hashing"
 
     def adapt(self, values: np.ndarray) -> None:
-        if self.vocabulary != "hashing":
-            self.lookup.adapt(np.asarray(values, dtype=object).astype(str))
+        if not self.hashing:
+            super().adapt(values)
 
     def grow_vocabulary(self, values) -> list[str]:
-        if self.vocabulary == "hashing":
-            return []   # every value already has its hash bucket
-        return super().grow_vocabulary(np.asarray(values, dtype=object).astype(str))
+        return [] if self.hashing else super().grow_vocabulary(values)
 
     @property
     def vocabulary_size(self) -> int:
-        return self.hash_bins if self.vocabulary == "hashing" else self.lookup.vocabulary_size()
+        """Embedding rows: hash bins, or OOV buckets + vocabulary."""
+        return self.hash_bins if self.hashing else self.num_oov_buckets + len(self.terms or [])
 
     def build(self, input_shape):
-        self.embedding = _embedding_for(
-            self, self.vocabulary_size if self.vocabulary == "hashing" or
-            self.vocabulary_terms() else 0)
+        if self.hashing:
+            self.lookup = tf.keras.layers.Hashing(num_bins=self.hash_bins)
+            self.embedding = _embedding_for(self, self.hash_bins)
+        else:
+            self._build_lookup()
         super().build(input_shape)
 
     def call(self, x):
@@ -133,15 +152,15 @@ class CategoricalEncoder(_GrowableVocabulary, tf.keras.layers.Layer):
         return {**super().get_config(), "embedding_dim": self.embedding_dim,
                 "vocabulary": self.vocabulary, "num_oov_buckets": self.num_oov_buckets,
                 "max_tokens": self.max_tokens, "hash_bins": self.hash_bins,
-                "terms": None if self.vocabulary == "hashing" else self.vocabulary_terms()}
+                "terms": None if self.hashing else self.vocabulary_terms()}
 
 
 @tf.keras.utils.register_keras_serializable(package="trainer")
-class MultiCategoricalEncoder(_GrowableVocabulary, tf.keras.layers.Layer):
+class MultiCategoricalEncoder(_Vocabulary, tf.keras.layers.Layer):
     """"a|b|c" string [batch] -> split -> lookup -> pooled embedding [batch, dim].
 
-    Empty strings (no values) pool to the zero vector. ``terms`` as in
-    CategoricalEncoder.
+    Empty strings (no values) pool to the zero vector. ``terms``: the adapted
+    vocabulary of single values (see ``_Vocabulary``).
     """
 
     def __init__(self, embedding_dim: int, separator: str = "|", num_oov_buckets: int = 1,
@@ -153,23 +172,17 @@ class MultiCategoricalEncoder(_GrowableVocabulary, tf.keras.layers.Layer):
         self.num_oov_buckets = num_oov_buckets
         self.max_tokens = max_tokens
         self.pooling = pooling
-        self.lookup = tf.keras.layers.StringLookup(
-            num_oov_indices=num_oov_buckets, max_tokens=max_tokens, mask_token=None,
-            vocabulary=terms or None)
+        self.terms = list(terms) if terms else None
 
     def tokens(self, x):
         parts = tf.strings.split(x, sep=self.separator)
         return tf.ragged.boolean_mask(parts, tf.not_equal(parts, ""))
 
-    def _new_terms(self, values) -> list[str]:
+    def _split(self, values) -> list[str]:
         return [t for v in values for t in str(v).split(self.separator) if t]
 
-    def adapt(self, values: np.ndarray) -> None:
-        self.lookup.adapt(np.asarray(self._new_terms(values) or ["<none>"], dtype=str))
-
     def build(self, input_shape):
-        self.embedding = _embedding_for(self, self.lookup.vocabulary_size()
-                                        if self.vocabulary_terms() else 0)
+        self._build_lookup()
         super().build(input_shape)
 
     def call(self, x):
@@ -270,7 +283,9 @@ class ContinuousEncoder(tf.keras.layers.Layer):
 class TextEncoder(tf.keras.layers.Layer):
     """Free text [batch] -> TextVectorization tokens -> masked mean embedding.
 
-    ``terms``: the token vocabulary (without padding and OOV), set by ``adapt``.
+    ``terms``: the token vocabulary Keras's TextVectorization adapted to
+    (without padding and OOV), part of the config; the vectorizer and the
+    embedding table are made in ``build``.
     """
 
     def __init__(self, embedding_dim: int = 16, max_tokens: int = 5000,
@@ -279,19 +294,23 @@ class TextEncoder(tf.keras.layers.Layer):
         self.embedding_dim = embedding_dim
         self.max_tokens = max_tokens
         self.max_length = max_length
-        self.vectorizer = tf.keras.layers.TextVectorization(
-            max_tokens=max_tokens, output_sequence_length=max_length,
-            vocabulary=terms or None)
+        self.terms = list(terms) if terms else None
 
-    def vocabulary_terms(self) -> list[str]:
-        return [str(t) for t in self.vectorizer.get_vocabulary(include_special_tokens=False)]
+    def _vectorizer(self, terms=None) -> tf.keras.layers.TextVectorization:
+        return tf.keras.layers.TextVectorization(
+            max_tokens=self.max_tokens, output_sequence_length=self.max_length,
+            vocabulary=terms)
 
     def adapt(self, values: np.ndarray) -> None:
-        self.vectorizer.adapt(np.asarray(values, dtype=object).astype(str))
+        scratch = self._vectorizer()
+        scratch.adapt(np.asarray(values, dtype=object).astype(str))
+        self.terms = [str(t) for t in scratch.get_vocabulary(include_special_tokens=False)]
 
     def build(self, input_shape):
-        self.embedding = _embedding_for(self, self.vectorizer.vocabulary_size()
-                                        if self.vocabulary_terms() else 0)
+        if not self.terms:
+            raise _not_adapted(self)
+        self.vectorizer = self._vectorizer(list(self.terms))
+        self.embedding = _embedding_for(self, self.vectorizer.vocabulary_size())
         super().build(input_shape)
 
     def call(self, x):
@@ -303,7 +322,7 @@ class TextEncoder(tf.keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim,
                 "max_tokens": self.max_tokens, "max_length": self.max_length,
-                "terms": self.vocabulary_terms()}
+                "terms": list(self.terms or [])}
 
 
 def make_encoder(spec: FeatureConfig) -> tf.keras.layers.Layer:

@@ -88,10 +88,10 @@ class Tower(tf.keras.Model):
         categorical / multi-valued encoders (``features``: those names only).
 
         Known values keep their index and embedding row exactly; new ones get
-        rows at the end. Returns {feature: values added} (of the first member,
-        all members grow alike). Functions traced over the tower before
-        (``TowerEmbedder``, a compiled ``fit``) and optimizer slots of the grown
-        tables must be made again.
+        rows at the end. Returns {feature: values added} (ensemble members grow
+        alike). Functions traced over the tower before (``TowerEmbedder``, a
+        compiled ``fit``) and optimizer slots of the grown tables must be made
+        again.
         """
         added = {}
         for member in self.members:
