@@ -28,9 +28,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _log_to_stderr(logger: logging.Logger) -> None:
+    """The trainer's own messages (resume, commit) at INFO; other libraries' as they are."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(logging.getLogger("trainer"))
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
 

@@ -102,6 +102,13 @@ class _ResumeLog(tf.keras.callbacks.Callback):
         self._first = False
 
 
+def has_backup(out: Path) -> bool:
+    """Whether ``out/backup`` holds a BackupAndRestore checkpoint to resume from
+    (a finished fit leaves the directory empty)."""
+    backup = out / "backup"
+    return backup.is_dir() and any(backup.iterdir())
+
+
 def build_model(config: RunConfig, prepared: PreparedData) -> TwoTowerModel:
     """Towers adapted on training data: ids see only trained-on users/items.
 
@@ -155,7 +162,7 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
     # Every finished epoch's logs, across interruptions: a resumed fit only
     # reports the epochs it ran itself.
     history_csv = out / "history.csv"
-    if not (out / "backup").exists():
+    if not has_backup(out):
         history_csv.unlink(missing_ok=True)   # a fresh run: nothing to continue
     resume = _ResumeLog(tc.epochs)
     callbacks = [
@@ -179,6 +186,8 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
         verbose = 1 if sys.stdout.isatty() else 2
     started = time.perf_counter()
     fitted = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
+    if (out / "backup").is_dir() and not has_backup(out):
+        (out / "backup").rmdir()   # a finished fit: Keras emptied it
     return FitResult(_epoch_history(history_csv, fitted.history),
                      time.perf_counter() - started, resume.resumed_after)
 
@@ -210,7 +219,7 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
           extra_callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> TrainingResult:
     """Run the whole job and commit its run directory; returns model and metrics."""
     out = Path(output_dir)
-    staging = run_dir.open_staging(out, resumable=lambda d: (d / "backup").exists())
+    staging = run_dir.open_staging(out, resumable=has_backup)
     (staging / run_dir.RUN_MARKER).write_text(dump_config(config), encoding="utf-8")
     tf.keras.utils.set_random_seed(config.training.seed)
 
