@@ -63,8 +63,7 @@ def _trained(tower, feats):
     return tower
 
 
-@pytest.mark.parametrize("members", [1, 2])
-@pytest.mark.parametrize("build_first", [False, True])
+@pytest.mark.parametrize("members,build_first", [(1, False), (2, True)])
 def test_tower_rebuilt_from_config_and_checkpoint_is_bit_identical(tmp_path, members,
                                                                    build_first):
     feats = features_of(TABLE, SPECS, "items")

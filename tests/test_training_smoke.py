@@ -1,6 +1,7 @@
 """End to end on tiny synthetic data: trains, beats popularity, writes artifacts."""
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -44,16 +45,15 @@ class _StopAfter(__import__("tensorflow").keras.callbacks.Callback):
             raise _Interrupt()
 
 
-def test_failed_training_keeps_the_good_run_and_a_rerun_resumes(tmp_path, caplog):
-    small = {**TINY, "data": {**TINY["data"], "num_users": 150, "num_items": 80}}
+def test_failed_training_keeps_the_good_run_and_a_rerun_resumes(tiny_run, tmp_path, caplog):
     out = tmp_path / "run"
-    good = train(parse_config({**small, "name": "good", "training": {**TINY["training"],
-                                                                       "epochs": 1}}),
-                 out, verbose=0)
+    shutil.copytree(tiny_run.output_dir, out)   # a finished run
     before = {name: (out / name).read_bytes() for name in
               ("config.yaml", "metrics.json", "towers/query/saved_model.pb",
                "towers/candidate/variables/variables.data-00000-of-00001")}
-    config = parse_config({**small, "training": {**TINY["training"], "epochs": 3}})
+    config = parse_config({**TINY, "name": "second", "training": {**TINY["training"],
+                                                                    "epochs": 3},
+                           "data": {**TINY["data"], "num_users": 150, "num_items": 80}})
     with pytest.raises(_Interrupt):
         train(config, out, verbose=0, extra_callbacks=[_StopAfter(2)])
     # the failed training touched nothing of the finished run ...
@@ -69,8 +69,8 @@ def test_failed_training_keeps_the_good_run_and_a_rerun_resumes(tmp_path, caplog
     assert len(resumed.history["loss"]) == 3
     assert resumed.metrics["epochs_run"] == 3
     assert (out / "checkpoints" / "epoch-003.index").exists()
-    assert "name: tiny" in (out / "config.yaml").read_text()
-    assert json.loads((out / "metrics.json").read_text()) == resumed.metrics != good.metrics
+    assert "name: second" in (out / "config.yaml").read_text()
+    assert json.loads((out / "metrics.json").read_text()) == resumed.metrics != tiny_run.metrics
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
