@@ -27,7 +27,7 @@ import tensorflow_recommenders as tfrs  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data.movielens import load_ml100k  # noqa: E402
-from trainer.dataset import EncodedTables  # noqa: E402
+from trainer.prepare import EncodedTables  # noqa: E402
 from trainer.evaluation import EvalSet, evaluate, popularity_scores, split_interactions  # noqa: E402
 from trainer.report import metrics_table  # noqa: E402
 from trainer.train import train  # noqa: E402

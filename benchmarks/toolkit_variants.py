@@ -42,7 +42,7 @@ from ml100k_retrieval import ease_scores  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_tables  # noqa: E402
 from trainer.data.movielens import load_ml100k  # noqa: E402
-from trainer.dataset import EncodedTables  # noqa: E402
+from trainer.prepare import EncodedTables  # noqa: E402
 from trainer.evaluation import EvalSet, evaluate, popularity_scores, split_interactions  # noqa: E402
 from trainer.train import train  # noqa: E402
 

@@ -1,5 +1,6 @@
 """Feature encoders: vocabularies with OOV, buckets, multi-valued pooling, text."""
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from trainer.features import (CategoricalEncoder, ContinuousEncoder, MultiCategoricalEncoder,
@@ -10,9 +11,9 @@ def test_categorical_oov_shares_one_bucket():
     enc = CategoricalEncoder(embedding_dim=4, num_oov_buckets=1)
     enc.adapt(np.array(["a", "b", "c"], dtype=object))
     assert enc.vocabulary_size == 4  # 3 known + 1 OOV
-    idx = enc.index(tf.constant(["a", "zzz", "yyy"])).numpy()
-    assert idx[1] == idx[2] == 0 and idx[0] > 0
     out = enc(tf.constant(["a", "zzz", "yyy"])).numpy()
+    idx = enc.lookup(tf.constant(["a", "zzz", "yyy"])).numpy()
+    assert idx[1] == idx[2] == 0 and idx[0] > 0
     assert out.shape == (3, 4)
     np.testing.assert_allclose(out[1], out[2])
     assert not np.allclose(out[0], out[1])
@@ -37,7 +38,7 @@ def test_continuous_buckets_from_quantiles_and_nan_imputed():
     enc = ContinuousEncoder(normalize=True, buckets=4, embedding_dim=2)
     values = np.arange(100, dtype=np.float32)
     enc.adapt(values)
-    boundaries = enc.discretizer.bin_boundaries
+    boundaries = enc.statistics["boundaries"]
     np.testing.assert_allclose(boundaries, np.quantile(values, [0.25, 0.5, 0.75]), rtol=1e-5)
     out = enc(tf.constant([0.0, 49.5, np.nan, 99.0])).numpy()
     assert out.shape == (4, 3)  # normalized value + 2-d bucket embedding
@@ -53,3 +54,11 @@ def test_text_encoder_masks_padding():
     out = enc(tf.constant(["apple", "apple apple", ""])).numpy()
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6)  # mean, padding ignored
     np.testing.assert_allclose(out[2], np.zeros(4))
+
+
+def test_an_encoder_without_vocabulary_or_statistics_refuses_to_build():
+    for enc in (CategoricalEncoder(embedding_dim=2, name="city_encoder"),
+                ContinuousEncoder(name="age_encoder")):
+        with pytest.raises(ValueError, match=f"encoder '{enc.name}' has no vocabulary"):
+            enc(tf.constant(["x"]) if isinstance(enc, CategoricalEncoder)
+                else tf.constant([1.0]))

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.config import ObjectiveConfig
+from trainer.config import NegativeSampling, ObjectiveConfig
+from trainer.objective_registry import OBJECTIVES, NegativesPlan, plan_negatives
 from trainer.objectives import (InBatchSoftmax, Listwise, MatrixFactorization,
                                 PairwiseHinge, PairwiseLogistic, Pointwise, make_objective)
 from trainer.sampling import mixed_candidate_probability
@@ -167,3 +168,28 @@ def test_hard_negatives_are_chosen_on_raw_scores_before_logq():
     ("pairwise_logistic", PairwiseLogistic), ("listwise", Listwise)])
 def test_every_kind_is_reachable_from_the_config(kind, cls):
     assert isinstance(make_objective(ObjectiveConfig(kind=kind)), cls)
+
+
+@pytest.mark.parametrize("kind", sorted(OBJECTIVES))
+def test_every_loss_has_an_honest_config(kind):
+    """The options the registry passes are the config, and from_config rebuilds them."""
+    config = ObjectiveConfig(kind=kind, temperature=0.3, margin=0.4, sigma=5.0,
+                             l2_regularization=0.01, logq_correction=False)
+    loss = make_objective(config)
+    options = {name: loss.get_config()[name] for name in OBJECTIVES[kind].loss_options}
+    assert options == {name: getattr(config, name) for name in OBJECTIVES[kind].loss_options}
+    clone = tf.keras.layers.deserialize(tf.keras.layers.serialize(loss))
+    assert type(clone) is type(loss) and clone.get_config() == loss.get_config()
+
+
+def test_hard_source_auto_means_one_thing_for_batches_and_model():
+    neg = NegativeSampling(num_negatives=4, hard_fraction=0.5, hard_source="auto")
+    assert plan_negatives("listwise", neg, has_ranking_log=True) == \
+        NegativesPlan(num_easy=2, num_hard=2, hard_source="ranking_log")
+    mined = plan_negatives("listwise", neg, has_ranking_log=False)
+    assert mined == NegativesPlan(2, 2, "mined") and mined.num_mined == 2
+    assert plan_negatives("listwise", neg, True).num_mined == 0   # the log, not mining
+    assert plan_negatives("in_batch_softmax", NegativeSampling(), True) == NegativesPlan()
+    with pytest.raises(ValueError, match="hard_source=ranking_log but the data has no"):
+        plan_negatives("pointwise", neg.model_copy(update={"hard_source": "ranking_log"}),
+                       has_ranking_log=False)

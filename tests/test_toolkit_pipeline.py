@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from trainer.batches import TrainingBatches
 from trainer.config import parse_config
 from trainer.data.synthetic import generate
-from trainer.dataset import EncodedTables, TrainingData
 from trainer.evaluation import split_interactions
-from trainer.history import with_history
+from trainer.prepare import prepare_data
 from trainer.train import train
 
 IDS = {"user": [{"name": "user_id", "type": "categorical", "embedding_dim": 8}],
@@ -40,15 +40,11 @@ def tables():
 
 
 def pipeline(tables, cfg):
-    train_rows, _ = split_interactions(tables.interactions, "random")
-    pos = train_rows[train_rows["clicked"] == 1]
-    exposed = train_rows[train_rows["clicked"] == 0]
-    tables = with_history(tables, pos, cfg.features.user)
-    enc = EncodedTables.build(tables.users, tables.items, cfg.features.user, cfg.features.item)
-    labelled = (pd.concat([pos, exposed]) if cfg.objective.kind == "matrix_factorization"
-                else None)
-    data = TrainingData(enc, pos, exposed, cfg, tables.ranking_log, labelled)
-    return data, enc, pos, exposed
+    """train()'s own prepare step, then the batches it trains on."""
+    prepared = prepare_data(cfg, tables)
+    splits = prepared.splits
+    return (TrainingBatches(prepared, cfg), prepared.encoded, splits.train_positives,
+            splits.exposed)
 
 
 def pairs(df, enc):
@@ -261,3 +257,29 @@ def test_validation_clicks_stay_known_items_for_the_test(tables, tmp_path):
     train_rows, _ = split_interactions(tables.interactions, "random")
     clicks = train_rows[train_rows["clicked"] == 1]
     assert len(pd.read_parquet(tmp_path / "seen.parquet")) == len(clicks)
+
+
+def test_two_tower_model_rebuilt_from_config_and_checkpoint_gives_the_same_loss(tmp_path):
+    from trainer.config import CategoricalFeature, TowerConfig
+    from trainer.model import TwoTowerModel
+    from trainer.objectives import Listwise
+    from trainer.towers import Tower
+
+    def tower(name):
+        t = Tower([CategoricalFeature(name="item_id", type="categorical", embedding_dim=4)],
+                  TowerConfig(output_dim=3), name=name)
+        t.adapt(pd.DataFrame({"item_id": ["a", "b", "c"]}), "items")
+        return t
+
+    model = TwoTowerModel(tower("q"), tower("c"), Listwise(0.5), "per_query")
+    batch = {"query": {"item_id": tf.constant(["a", "b"])},
+             "candidate": {"item_id": tf.constant(["b", "c"])},
+             "negatives": {"item_id": tf.constant(["c", "a", "zz", "b"])},
+             "neg_valid": tf.constant([[True, True], [True, False]]),
+             "neg_logq": tf.zeros([2, 2])}
+    want = float(model.compute_loss(batch))
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    rebuilt = TwoTowerModel.from_config(json.loads(json.dumps(model.get_config())))
+    tf.train.Checkpoint(model=rebuilt).read(path).assert_existing_objects_matched()
+    assert rebuilt.batch == "per_query" and isinstance(rebuilt.objective, Listwise)
+    assert float(rebuilt.compute_loss(batch)) == want

@@ -1,5 +1,7 @@
 """End to end on tiny synthetic data: trains, beats popularity, writes artifacts."""
 import json
+import logging
+import shutil
 
 import pytest
 
@@ -43,19 +45,33 @@ class _StopAfter(__import__("tensorflow").keras.callbacks.Callback):
             raise _Interrupt()
 
 
-def test_interrupted_training_resumes(tmp_path):
-    config = parse_config({**TINY, "data": {**TINY["data"], "num_users": 150,
-                                            "num_items": 80},
-                           "training": {**TINY["training"], "epochs": 3}})
+def test_failed_training_keeps_the_good_run_and_a_rerun_resumes(tiny_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run.output_dir, out)   # a finished run
+    before = {name: (out / name).read_bytes() for name in
+              ("config.yaml", "metrics.json", "towers/query/saved_model.pb",
+               "towers/candidate/variables/variables.data-00000-of-00001")}
+    config = parse_config({**TINY, "name": "second", "training": {**TINY["training"],
+                                                                    "epochs": 3},
+                           "data": {**TINY["data"], "num_users": 150, "num_items": 80}})
     with pytest.raises(_Interrupt):
-        train(config, tmp_path, verbose=0, extra_callbacks=[_StopAfter(2)])
-    assert (tmp_path / "backup").exists()
-    resumed = train(config, tmp_path, verbose=0)
-    # epochs 1-2 were restored from the backup: only epoch 3 runs again, and the
-    # run's history (report, plot, history.json) still covers all three
+        train(config, out, verbose=0, extra_callbacks=[_StopAfter(2)])
+    # the failed training touched nothing of the finished run ...
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.staging"]
+    assert (tmp_path / "run.staging" / "backup").exists()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        resumed = train(config, out, verbose=0)
+    # ... and the same command again resumed it: epochs 1-2 were restored from the
+    # backup, only epoch 3 ran, and the run's history still covers all three
+    assert ("resumed an interrupted training: epochs 1-2 restored from its backup, "
+            "continuing with epoch 3 of 3") in caplog.text
     assert len(resumed.history["loss"]) == 3
     assert resumed.metrics["epochs_run"] == 3
-    assert (tmp_path / "checkpoints" / "epoch-003.index").exists()
+    assert (out / "checkpoints" / "epoch-003.index").exists()
+    assert "name: second" in (out / "config.yaml").read_text()
+    assert json.loads((out / "metrics.json").read_text()) == resumed.metrics != tiny_run.metrics
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_validation_metric_and_early_stopping(tmp_path):

@@ -93,7 +93,7 @@ def test_study_resumes_after_sigkill_and_writes_a_loadable_best_config(tmp_path)
                              "--output", str(study_dir), "--quiet"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while not (study_dir / "trials" / "001").exists():  # the second trial has started
+    while not (study_dir / "trials" / "001.staging").exists():  # the second trial has started
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the second trial never started"
         time.sleep(0.1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="partial YAML config merged over --config (repeatable), e.g. "
                         "configs/variants/listwise.yaml (docs/TOOLKIT.md)")
     p.add_argument("--output", type=Path, required=True,
-                   help="run directory to write (re-running resumes an interrupted run)")
+                   help="run directory to write; it is replaced only when the training "
+                        "finished (re-running resumes an interrupted run)")
     p.add_argument("--data-path", default=None,
                    help="override data.path in the config (e.g. a MovieLens directory)")
     p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
@@ -26,8 +28,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _log_to_stderr(logger: logging.Logger) -> None:
+    """The trainer's own messages (resume, commit) at INFO; other libraries' as they are."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _log_to_stderr(logging.getLogger("trainer"))
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
 

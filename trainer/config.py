@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer.objective_registry import OBJECTIVE_KINDS, check_objective
 from trainer.tuning_space import TuningConfig
 
 
@@ -181,10 +182,8 @@ class ModelConfig(_Strict):
 
 
 # ---------------------------------------------------------------------- objective
-ObjectiveKind = Literal["in_batch_softmax", "matrix_factorization", "pointwise",
-                        "pairwise_hinge", "pairwise_logistic", "listwise"]
-# Objectives that train on explicitly sampled negatives per positive [B, N].
-PER_QUERY_OBJECTIVES = ("pointwise", "pairwise_hinge", "pairwise_logistic", "listwise")
+# The kinds, their batches and the options each uses: trainer.objective_registry.
+ObjectiveKind = Literal[OBJECTIVE_KINDS]
 
 
 class ObjectiveConfig(_Strict):
@@ -331,37 +330,12 @@ class RunConfig(_Strict):
         if q.members * q.output_dim != c.members * c.output_dim or q.members != c.members:
             raise ValueError("model.query_tower and model.candidate_tower need the same "
                              "output_dim and members (their dot product is the score)")
-        if self.objective.kind == "matrix_factorization":
-            towers = (self.model.query_tower, self.model.candidate_tower)
-            if any(t.l2_normalize for t in towers):
-                raise ValueError("objective.kind=matrix_factorization scores with the plain "
-                                 "inner product: set model.query_tower.l2_normalize and "
-                                 "model.candidate_tower.l2_normalize to false")
-            names = ([f.name for f in self.features.user], [f.name for f in self.features.item])
-            if names != (["user_id"], ["item_id"]):
-                raise ValueError("objective.kind=matrix_factorization is the id-only baseline: "
-                                 "features.user must be [user_id] and features.item [item_id]")
-        self._options_apply()
-        return self
-
-    def _options_apply(self) -> None:
-        """No option is silently ignored: each must fit the objective it tunes."""
-        kind, neg, tc = self.objective.kind, self.sampling.negatives, self.training
-        unused = []
-        if kind != "in_batch_softmax":
-            unused += [n for n, v in (("objective.num_hard_negatives",
-                                       self.objective.num_hard_negatives),
-                                      ("sampling.negatives.extra_candidates",
-                                       neg.extra_candidates)) if v]
-        if kind != "matrix_factorization" and self.objective.unobserved_per_row:
-            unused.append("objective.unobserved_per_row")
-        if kind not in PER_QUERY_OBJECTIVES and neg.hard_fraction:
-            unused.append("sampling.negatives.hard_fraction")
-        if unused:
-            raise ValueError(f"{', '.join(unused)}: not used by objective.kind={kind}")
+        check_objective(self)
+        tc = self.training
         if tc.early_stopping_patience and not tc.validation_fraction:
             raise ValueError("training.early_stopping_patience needs "
                              "training.validation_fraction > 0 (it watches validation HR@K)")
+        return self
 
 
 class ConfigError(ValueError):

@@ -1,11 +1,17 @@
 """Feature encoders: raw feature tensor [batch] -> dense vector [batch, dim].
 
-One Keras layer per feature kind, all preprocessing inside (vocabularies,
-normalization statistics, bucket boundaries are layer state adapted on the
-training data), so a tower built from them takes raw features and the
-exported SavedModel needs no preprocessing outside the graph.
+One Keras layer per feature kind, all preprocessing inside, so a tower built
+from them takes raw features and the exported SavedModel needs no
+preprocessing outside the graph. Each encoder is an ordinary Keras layer:
+its settings and what ``adapt`` learned on the training data (vocabularies,
+normalization statistics, bucket boundaries) are its config; its weights
+(embedding tables) are made in ``build``. So ``from_config(get_config())``
+plus a checkpoint restores a trained encoder exactly, and the id encoders can
+grow their vocabulary in place (``grow_vocabulary``) for model updates.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -24,72 +30,160 @@ RAW_DTYPES = {
 }
 
 
-class CategoricalEncoder(tf.keras.layers.Layer):
-    """string [batch] -> vocabulary (or hash) index -> embedding [batch, dim]."""
+def _not_adapted(layer) -> ValueError:
+    return ValueError(f"encoder '{layer.name}' has no vocabulary or statistics yet: call "
+                      "adapt() (or build it from a trained config) before the first call")
+
+
+def _embedding_for(layer, rows: int) -> tf.keras.layers.Embedding:
+    """The encoder's embedding table [rows, embedding_dim]; its weights are made on
+    its first call, so towers draw initial values in the same order as always."""
+    return tf.keras.layers.Embedding(rows, layer.embedding_dim, name="embedding")
+
+
+def _adapted_terms(values: np.ndarray, max_tokens, num_oov: int) -> list[str]:
+    """The vocabulary Keras's StringLookup adapts to (by frequency), OOV excluded."""
+    scratch = tf.keras.layers.StringLookup(num_oov_indices=num_oov, max_tokens=max_tokens,
+                                           mask_token=None)
+    scratch.adapt(np.asarray(values, dtype=object).astype(str))
+    return [str(t) for t in scratch.get_vocabulary(include_special_tokens=False)]
+
+
+class _Vocabulary:
+    """Encoders whose values go through a StringLookup (``self.lookup``, made in
+    ``build`` from ``self.terms``) into an embedding table (``self.embedding``).
+
+    ``terms`` is the vocabulary without the OOV buckets (indices
+    0..num_oov_buckets-1 come first), learned by ``adapt`` and part of the
+    config. ``grow_vocabulary(values)`` appends the values not yet in it: every
+    known value keeps its index and its embedding row bit for bit, the new ones
+    get new rows at the end (fresh initial values). A built encoder's embedding
+    variable is replaced by a larger one, so functions traced and optimizer
+    slots made before must be made again.
+    """
+
+    def vocabulary_terms(self) -> list[str]:
+        return list(self.terms or [])
+
+    def _split(self, values) -> list[str]:
+        """The vocabulary entries in a column of raw values."""
+        return [str(v) for v in values]
+
+    def adapt(self, values: np.ndarray) -> None:
+        self.terms = _adapted_terms(self._split(values) or ["<none>"], self.max_tokens,
+                                    self.num_oov_buckets)
+
+    def _build_lookup(self) -> None:
+        if not self.terms:
+            raise _not_adapted(self)
+        self.lookup = tf.keras.layers.StringLookup(
+            num_oov_indices=self.num_oov_buckets, max_tokens=self.max_tokens,
+            mask_token=None, vocabulary=list(self.terms))
+        self.embedding = _embedding_for(self, self.num_oov_buckets + len(self.terms))
+
+    def grow_vocabulary(self, values) -> list[str]:
+        """Append unseen ``values`` [n] to the vocabulary; returns those added."""
+        terms = self.vocabulary_terms()
+        known = set(terms)
+        added = list(dict.fromkeys(t for t in self._split(values) if t not in known))
+        if not added:
+            return []
+        size = self.num_oov_buckets + len(terms) + len(added)
+        if self.max_tokens is not None and size > self.max_tokens:
+            raise ValueError(f"encoder '{self.name}': growing the vocabulary by {len(added)} "
+                             f"values needs {size} rows, over max_tokens={self.max_tokens}")
+        self.terms = terms + added
+        if self.built:
+            self.lookup.set_vocabulary(list(self.terms))
+            old = self.embedding.embeddings
+            self.embedding = _embedding_for(self, size)
+            self.embedding.build(None)  # fresh initial values; the old rows go on top
+            new = self.embedding.embeddings
+            new.assign(tf.concat([old, new[old.shape[0]:]], axis=0))
+        return added
+
+
+@tf.keras.utils.register_keras_serializable(package="trainer")
+class CategoricalEncoder(_Vocabulary, tf.keras.layers.Layer):
+    """string [batch] -> vocabulary (or hash) index -> embedding [batch, dim].
+
+    ``terms``: the adapted vocabulary (see ``_Vocabulary``); hashing needs none.
+    """
 
     def __init__(self, embedding_dim: int, vocabulary: str = "adapt",
                  num_oov_buckets: int = 1, max_tokens=None, hash_bins: int = 100_000,
-                 **kwargs):
+                 terms: Optional[list[str]] = None, **kwargs):
         super().__init__(**kwargs)
         self.embedding_dim = embedding_dim
         self.vocabulary = vocabulary
         self.num_oov_buckets = num_oov_buckets
         self.max_tokens = max_tokens
         self.hash_bins = hash_bins
-        if vocabulary == "hashing":
-            self.index = tf.keras.layers.Hashing(num_bins=hash_bins)
-        else:
-            self.index = tf.keras.layers.StringLookup(
-                num_oov_indices=num_oov_buckets, max_tokens=max_tokens, mask_token=None)
-        self.embedding = None
+        self.terms = list(terms) if terms else None
+
+    @property
+    def hashing(self) -> bool:
+        return self.vocabulary == "hashing"
 
     def adapt(self, values: np.ndarray) -> None:
-        if self.vocabulary != "hashing":
-            self.index.adapt(np.asarray(values, dtype=object).astype(str))
-        size = (self.hash_bins if self.vocabulary == "hashing"
-                else self.index.vocabulary_size())
-        self.embedding = tf.keras.layers.Embedding(size, self.embedding_dim)
+        if not self.hashing:
+            super().adapt(values)
+
+    def grow_vocabulary(self, values) -> list[str]:
+        return [] if self.hashing else super().grow_vocabulary(values)
 
     @property
     def vocabulary_size(self) -> int:
-        return self.hash_bins if self.vocabulary == "hashing" else self.index.vocabulary_size()
+        """Embedding rows: hash bins, or OOV buckets + vocabulary."""
+        return self.hash_bins if self.hashing else self.num_oov_buckets + len(self.terms or [])
+
+    def build(self, input_shape):
+        if self.hashing:
+            self.lookup = tf.keras.layers.Hashing(num_bins=self.hash_bins)
+            self.embedding = _embedding_for(self, self.hash_bins)
+        else:
+            self._build_lookup()
+        super().build(input_shape)
 
     def call(self, x):
-        return self.embedding(self.index(x))
+        return self.embedding(self.lookup(x))
 
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim,
                 "vocabulary": self.vocabulary, "num_oov_buckets": self.num_oov_buckets,
-                "max_tokens": self.max_tokens, "hash_bins": self.hash_bins}
+                "max_tokens": self.max_tokens, "hash_bins": self.hash_bins,
+                "terms": None if self.hashing else self.vocabulary_terms()}
 
 
-class MultiCategoricalEncoder(tf.keras.layers.Layer):
+@tf.keras.utils.register_keras_serializable(package="trainer")
+class MultiCategoricalEncoder(_Vocabulary, tf.keras.layers.Layer):
     """"a|b|c" string [batch] -> split -> lookup -> pooled embedding [batch, dim].
 
-    Empty strings (no values) pool to the zero vector.
+    Empty strings (no values) pool to the zero vector. ``terms``: the adapted
+    vocabulary of single values (see ``_Vocabulary``).
     """
 
     def __init__(self, embedding_dim: int, separator: str = "|", num_oov_buckets: int = 1,
-                 max_tokens=None, pooling: str = "mean", **kwargs):
+                 max_tokens=None, pooling: str = "mean", terms: Optional[list[str]] = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.embedding_dim = embedding_dim
         self.separator = separator
         self.num_oov_buckets = num_oov_buckets
         self.max_tokens = max_tokens
         self.pooling = pooling
-        self.lookup = tf.keras.layers.StringLookup(
-            num_oov_indices=num_oov_buckets, max_tokens=max_tokens, mask_token=None)
-        self.embedding = None
+        self.terms = list(terms) if terms else None
 
     def tokens(self, x):
         parts = tf.strings.split(x, sep=self.separator)
         return tf.ragged.boolean_mask(parts, tf.not_equal(parts, ""))
 
-    def adapt(self, values: np.ndarray) -> None:
-        flat = [t for v in values for t in str(v).split(self.separator) if t]
-        self.lookup.adapt(np.asarray(flat or ["<none>"], dtype=str))
-        self.embedding = tf.keras.layers.Embedding(self.lookup.vocabulary_size(),
-                                                   self.embedding_dim)
+    def _split(self, values) -> list[str]:
+        return [t for v in values for t in str(v).split(self.separator) if t]
+
+    def build(self, input_shape):
+        self._build_lookup()
+        super().build(input_shape)
 
     def call(self, x):
         ids = self.lookup(self.tokens(x))  # ragged [batch, None]
@@ -103,27 +197,29 @@ class MultiCategoricalEncoder(tf.keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim,
                 "separator": self.separator, "num_oov_buckets": self.num_oov_buckets,
-                "max_tokens": self.max_tokens, "pooling": self.pooling}
+                "max_tokens": self.max_tokens, "pooling": self.pooling,
+                "terms": self.vocabulary_terms()}
 
 
+@tf.keras.utils.register_keras_serializable(package="trainer")
 class ContinuousEncoder(tf.keras.layers.Layer):
     """float [batch] -> [normalized value] ++ [quantile-bucket embedding].
 
     Missing values (NaN) are imputed with the training mean inside the graph,
-    so callers can send NaN for an unknown value.
+    so callers can send NaN for an unknown value. ``statistics`` (set by
+    ``adapt``, part of the config): ``fill_value`` (mean of the transformed
+    training values), ``mean`` / ``variance`` (Keras ``Normalization``'s
+    adapted float32 values) and ``boundaries`` (bucket edges).
     """
 
     def __init__(self, normalize: bool = True, log1p: bool = False, buckets: int = 0,
-                 embedding_dim: int = 8, **kwargs):
+                 embedding_dim: int = 8, statistics: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         self.normalize = normalize
         self.log1p = log1p
         self.buckets = buckets
         self.embedding_dim = embedding_dim
-        self.normalizer = tf.keras.layers.Normalization(axis=None) if normalize else None
-        self.discretizer = None
-        self.embedding = None
-        self.fill_value = None
+        self.statistics = dict(statistics) if statistics else None
 
     def _transform(self, x):
         x = tf.cast(x, tf.float32)
@@ -137,19 +233,37 @@ class ContinuousEncoder(tf.keras.layers.Layer):
         if finite.size == 0:
             raise ValueError(f"continuous feature '{self.name}': no finite values to adapt on")
         finite = self._transform(finite).numpy()
-        self.fill_value = tf.constant(float(np.mean(finite)), tf.float32)
-        if self.normalizer is not None:
-            self.normalizer.adapt(finite.astype(np.float32))
+        stats = {"fill_value": float(np.float32(np.mean(finite)))}
+        if self.normalize:
+            # Keras computes the float32 statistics; the layer built in build()
+            # takes them as its mean / variance.
+            scratch = tf.keras.layers.Normalization(axis=None)
+            scratch.adapt(finite.astype(np.float32))
+            stats["mean"] = float(scratch.adapt_mean.numpy())
+            stats["variance"] = float(scratch.adapt_variance.numpy())
         if self.buckets:
             qs = np.quantile(finite, np.linspace(0, 1, self.buckets + 1)[1:-1])
-            boundaries = sorted(set(float(q) for q in qs))
-            self.discretizer = tf.keras.layers.Discretization(bin_boundaries=boundaries)
-            self.embedding = tf.keras.layers.Embedding(len(boundaries) + 1,
-                                                       self.embedding_dim)
+            stats["boundaries"] = sorted(set(float(q) for q in qs))
+        self.statistics = stats
+
+    def build(self, input_shape):
+        if self.statistics is None:
+            raise _not_adapted(self)
+        stats = self.statistics
+        self.normalizer = (tf.keras.layers.Normalization(
+            axis=None, mean=stats["mean"], variance=stats["variance"])
+            if self.normalize else None)
+        self.discretizer = self.embedding = None
+        if self.buckets:
+            self.discretizer = tf.keras.layers.Discretization(
+                bin_boundaries=stats["boundaries"])
+            self.embedding = _embedding_for(self, len(stats["boundaries"]) + 1)
+        super().build(input_shape)
 
     def call(self, x):
         x = self._transform(x)
-        x = tf.where(tf.math.is_finite(x), x, self.fill_value)
+        x = tf.where(tf.math.is_finite(x), x,
+                     tf.constant(self.statistics["fill_value"], tf.float32))
         parts = []
         if self.normalizer is not None:
             parts.append(tf.reshape(self.normalizer(x), [-1, 1]))
@@ -161,26 +275,43 @@ class ContinuousEncoder(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "normalize": self.normalize, "log1p": self.log1p,
-                "buckets": self.buckets, "embedding_dim": self.embedding_dim}
+                "buckets": self.buckets, "embedding_dim": self.embedding_dim,
+                "statistics": self.statistics}
 
 
+@tf.keras.utils.register_keras_serializable(package="trainer")
 class TextEncoder(tf.keras.layers.Layer):
-    """Free text [batch] -> TextVectorization tokens -> masked mean embedding."""
+    """Free text [batch] -> TextVectorization tokens -> masked mean embedding.
+
+    ``terms``: the token vocabulary Keras's TextVectorization adapted to
+    (without padding and OOV), part of the config; the vectorizer and the
+    embedding table are made in ``build``.
+    """
 
     def __init__(self, embedding_dim: int = 16, max_tokens: int = 5000,
-                 max_length: int = 16, **kwargs):
+                 max_length: int = 16, terms: Optional[list[str]] = None, **kwargs):
         super().__init__(**kwargs)
         self.embedding_dim = embedding_dim
         self.max_tokens = max_tokens
         self.max_length = max_length
-        self.vectorizer = tf.keras.layers.TextVectorization(
-            max_tokens=max_tokens, output_sequence_length=max_length)
-        self.embedding = None
+        self.terms = list(terms) if terms else None
+
+    def _vectorizer(self, terms=None) -> tf.keras.layers.TextVectorization:
+        return tf.keras.layers.TextVectorization(
+            max_tokens=self.max_tokens, output_sequence_length=self.max_length,
+            vocabulary=terms)
 
     def adapt(self, values: np.ndarray) -> None:
-        self.vectorizer.adapt(np.asarray(values, dtype=object).astype(str))
-        self.embedding = tf.keras.layers.Embedding(self.vectorizer.vocabulary_size(),
-                                                   self.embedding_dim)
+        scratch = self._vectorizer()
+        scratch.adapt(np.asarray(values, dtype=object).astype(str))
+        self.terms = [str(t) for t in scratch.get_vocabulary(include_special_tokens=False)]
+
+    def build(self, input_shape):
+        if not self.terms:
+            raise _not_adapted(self)
+        self.vectorizer = self._vectorizer(list(self.terms))
+        self.embedding = _embedding_for(self, self.vectorizer.vocabulary_size())
+        super().build(input_shape)
 
     def call(self, x):
         ids = self.vectorizer(x)  # [batch, max_length], 0 = padding
@@ -190,7 +321,8 @@ class TextEncoder(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim,
-                "max_tokens": self.max_tokens, "max_length": self.max_length}
+                "max_tokens": self.max_tokens, "max_length": self.max_length,
+                "terms": list(self.terms or [])}
 
 
 def make_encoder(spec: FeatureConfig) -> tf.keras.layers.Layer:

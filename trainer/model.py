@@ -1,30 +1,52 @@
 """The two-tower retrieval model: query tower, candidate tower, objective.
 
 A ``tfrs.Model`` so that ``fit`` drives ``compute_loss``. Batches are dicts
-(trainer.dataset): ``{"query": {user features}, "candidate": {item
+(trainer.batches): ``{"query": {user features}, "candidate": {item
 features}, "item_prob": [B], "item_row": [B], ...}`` (item_row: the item's
-integer row in the catalog table) plus what the objective needs: extra
-candidates, sampled negatives, a mining pool, or labels
-(trainer.objectives describes the three input shapes).
+integer row in the catalog table) plus what the objective's batch kind needs
+(trainer.objective_registry): extra candidates, sampled negatives, a mining
+pool, or labels (trainer.objectives describes the three input shapes).
 """
 from __future__ import annotations
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from trainer.objective_registry import BatchKind
 from trainer.sampling import mine_hard_negatives
 from trainer.towers import Tower
 
 
+@tf.keras.utils.register_keras_serializable(package="trainer")
 class TwoTowerModel(tfrs.Model):
+    """``batch``: the objective's batch kind; ``num_mined``: hard negatives per
+    positive mined in-graph from a per-query batch's ``pool``."""
+
     def __init__(self, query_tower: Tower, candidate_tower: Tower,
-                 objective: tf.keras.layers.Layer, num_mined: int = 0, **kwargs):
+                 objective: tf.keras.layers.Layer, batch: BatchKind = "in_batch",
+                 num_mined: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
         self.objective = objective
+        self.batch = batch
         self.num_mined = num_mined
         self.num_members = query_tower.tower_config.members
+        if batch not in ("in_batch", "labelled", "per_query"):
+            raise ValueError(f"TwoTowerModel: unknown batch kind {batch!r}")
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "query_tower": self.query_tower.get_config(),
+                "candidate_tower": self.candidate_tower.get_config(),
+                "objective": tf.keras.layers.serialize(self.objective),
+                "batch": self.batch, "num_mined": self.num_mined}
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None) -> "TwoTowerModel":
+        return cls(Tower.from_config(config["query_tower"]),
+                   Tower.from_config(config["candidate_tower"]),
+                   tf.keras.layers.deserialize(config["objective"], custom_objects),
+                   config["batch"], config["num_mined"], name=config["name"])
 
     def _per_member(self, loss_fn, *embeddings):
         """Sum of ``loss_fn`` over the ensemble members' slices of each embedding.
@@ -46,17 +68,20 @@ class TwoTowerModel(tfrs.Model):
 
     def compute_loss(self, batch, training=False) -> tf.Tensor:
         query, candidate = self(batch, training=training)
-        inputs = getattr(self.objective, "inputs", "in_batch")
-        if inputs == "in_batch":
-            if "extra" in batch:  # mixed negative sampling: catalog draws after the batch
-                extra = self.candidate_tower(batch["extra"], training=training)
-                candidate = tf.concat([candidate, extra], axis=0)
-            return self._per_member(
-                lambda q, c: self.objective(q, c, batch, training=training), query, candidate)
-        if inputs == "labelled":
-            return self._per_member(
-                lambda q, c: self.objective(q, c, batch, training=training), query, candidate)
-        # per-query: sampled negatives [B, N_s, d] (+ mined ones [B, k, d])
+        return getattr(self, f"_{self.batch}_loss")(batch, query, candidate, training)
+
+    def _labelled_loss(self, batch, query, candidate, training):
+        return self._per_member(
+            lambda q, c: self.objective(q, c, batch, training=training), query, candidate)
+
+    def _in_batch_loss(self, batch, query, candidate, training):
+        if "extra" in batch:  # mixed negative sampling: catalog draws after the batch
+            extra = self.candidate_tower(batch["extra"], training=training)
+            candidate = tf.concat([candidate, extra], axis=0)
+        return self._labelled_loss(batch, query, candidate, training)
+
+    def _per_query_loss(self, batch, query, candidate, training):
+        """Sampled negatives [B, N_s, d] (+ mined ones [B, k, d]) per query."""
         b, d = tf.shape(query)[0], tf.shape(query)[1]
         negs, valid, logq = [], [], []
         if "negatives" in batch:
@@ -64,7 +89,7 @@ class TwoTowerModel(tfrs.Model):
             negs.append(tf.reshape(emb, [b, -1, d]))
             valid.append(tf.cast(batch["neg_valid"], tf.float32))
             logq.append(batch["neg_logq"])
-        if "pool" in batch and self.num_mined:
+        if self.num_mined:
             pool = self.candidate_tower(batch["pool"], training=training)
             mined, ok = mine_hard_negatives(query, pool, batch["pool_excluded"], self.num_mined)
             negs.append(mined)

@@ -1,7 +1,8 @@
 """Training objectives: tower outputs of one batch -> a scalar loss.
 
 Every loss is summed over the batch's queries, as TFRS Retrieval does, so
-learning rates mean the same thing across objectives. Three input shapes:
+learning rates mean the same thing across objectives. Which kind uses which
+loss, batch and options: trainer.objective_registry. Three input shapes:
 
 - ``in_batch`` (``InBatchSoftmax``): query [B, d], candidates [B + E, d]: the
   batch's positives (row b is query b's) plus E extra catalog-sampled ones.
@@ -22,10 +23,25 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from trainer.config import ObjectiveConfig
+from trainer.objective_registry import OBJECTIVES
 
 _MASKED = -1e9
 
 
+def _serializable(cls):
+    """Registered with Keras; ``get_config`` holds the options the registry passes
+    the constructor, so ``from_config(get_config())`` makes the same loss."""
+    options = next(e.loss_options for e in OBJECTIVES.values() if e.loss == cls.__name__)
+
+    def get_config(self):
+        return {**tf.keras.layers.Layer.get_config(self),
+                **{name: getattr(self, name) for name in options}}
+
+    cls.get_config = get_config
+    return tf.keras.utils.register_keras_serializable(package="trainer")(cls)
+
+
+@_serializable
 class InBatchSoftmax(tf.keras.layers.Layer):
     """TFRS Retrieval: in-batch sampled softmax with temperature and logQ.
 
@@ -41,11 +57,10 @@ class InBatchSoftmax(tf.keras.layers.Layer):
     negatives are the rarest, and training drifts to popularity.
     """
 
-    inputs = "in_batch"
-
     def __init__(self, temperature: float = 0.2, logq_correction: bool = True,
                  remove_accidental_hits: bool = True, num_hard_negatives=None, **kwargs):
         super().__init__(**kwargs)
+        self.temperature = temperature
         self.logq_correction = logq_correction
         self.remove_accidental_hits = remove_accidental_hits
         self.num_hard_negatives = num_hard_negatives
@@ -94,8 +109,6 @@ class InBatchSoftmax(tf.keras.layers.Layer):
 class _PerQuery(tf.keras.layers.Layer):
     """Base: cosines of each query with its positive [B] and negatives [B, N]."""
 
-    inputs = "per_query"
-
     def call(self, query, positive, negatives, batch=None, training=False):
         batch = batch or {}
         pos = tf.reduce_sum(query * positive, axis=-1)
@@ -108,6 +121,7 @@ class _PerQuery(tf.keras.layers.Layer):
         raise NotImplementedError
 
 
+@_serializable
 class Pointwise(_PerQuery):
     """Binary classification of (query, item) pairs on logit = cos / temperature.
 
@@ -126,6 +140,7 @@ class Pointwise(_PerQuery):
                 + tf.reduce_sum(valid * tf.nn.softplus(neg / t)))
 
 
+@_serializable
 class PairwiseHinge(_PerQuery):
     """Triplet hinge: sum over (b, n) of max(0, cos(a, b-) + margin - cos(a, b+))."""
 
@@ -137,6 +152,7 @@ class PairwiseHinge(_PerQuery):
         return tf.reduce_sum(valid * tf.nn.relu(neg + self.margin - pos[:, None]))
 
 
+@_serializable
 class PairwiseLogistic(_PerQuery):
     """Smooth triplet loss: sum over (b, n) of log(1 + exp(sigma (cos- - cos+)))."""
 
@@ -148,6 +164,7 @@ class PairwiseLogistic(_PerQuery):
         return tf.reduce_sum(valid * tf.nn.softplus(self.sigma * (neg - pos[:, None])))
 
 
+@_serializable
 class Listwise(_PerQuery):
     """Softmax cross-entropy over one positive and its N negatives: -log s+.
 
@@ -172,6 +189,7 @@ class Listwise(_PerQuery):
         return -tf.reduce_sum(tf.nn.log_softmax(logits, axis=1)[:, 0])
 
 
+@_serializable
 class MatrixFactorization(tf.keras.layers.Layer):
     """The baseline: squared error of the inner product on labelled pairs.
 
@@ -179,8 +197,6 @@ class MatrixFactorization(tf.keras.layers.Layer):
     for a click and 0 for an exposure without one (or a sampled unobserved
     item, weight ``batch["weight"]``). Towers must not be L2-normalised.
     """
-
-    inputs = "labelled"
 
     def __init__(self, l2_regularization: float = 1e-4, **kwargs):
         super().__init__(**kwargs)
@@ -195,19 +211,7 @@ class MatrixFactorization(tf.keras.layers.Layer):
 
 
 def make_objective(config: ObjectiveConfig) -> tf.keras.layers.Layer:
-    kind = config.kind
-    if kind == "in_batch_softmax":
-        return InBatchSoftmax(config.temperature, config.logq_correction,
-                              config.remove_accidental_hits, config.num_hard_negatives,
-                              name="objective")
-    if kind == "matrix_factorization":
-        return MatrixFactorization(config.l2_regularization, name="objective")
-    if kind == "pointwise":
-        return Pointwise(config.temperature, name="objective")
-    if kind == "pairwise_hinge":
-        return PairwiseHinge(config.margin, name="objective")
-    if kind == "pairwise_logistic":
-        return PairwiseLogistic(config.sigma, name="objective")
-    if kind == "listwise":
-        return Listwise(config.temperature, config.logq_correction, name="objective")
-    raise ValueError(f"objective.kind: unknown objective {kind!r}")
+    """The loss layer of ``config.kind`` (trainer.objective_registry), with its options."""
+    entry = OBJECTIVES[config.kind]
+    return globals()[entry.loss](**{name: getattr(config, name) for name in entry.loss_options},
+                                 name="objective")

@@ -2,36 +2,70 @@
 
 Feature encoders (trainer.features) -> concat -> MLP (ReLU hidden layers, a
 linear output layer) -> L2 normalisation, so dot products are cosines.
+``Tower.from_config(tower.get_config())`` rebuilds an adapted tower
+(vocabularies and statistics are in its encoders' configs); restoring a
+checkpoint into it gives bit-identical embeddings.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import pydantic
 import tensorflow as tf
 
 from trainer.config import FeatureConfig, TowerConfig
 from trainer.features import RAW_DTYPES, make_encoder, raw_column
 
+_FEATURE = pydantic.TypeAdapter(FeatureConfig)
 
+
+@tf.keras.utils.register_keras_serializable(package="trainer")
 class Tower(tf.keras.Model):
-    """Maps {feature name: raw tensor [batch]} to embeddings [batch, output_dim]."""
+    """Maps {feature name: raw tensor [batch]} to embeddings [batch, output_dim].
 
-    def __init__(self, specs: Sequence[FeatureConfig], config: TowerConfig, **kwargs):
+    ``encoders`` (feature name -> encoder) and ``members`` (ensemble member
+    towers) are given by ``from_config``; a new tower makes them from the specs.
+    """
+
+    def __init__(self, specs: Sequence[FeatureConfig], config: TowerConfig,
+                 encoders: Optional[dict] = None, members: Optional[list] = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.specs = list(specs)
         self.tower_config = config
         # members > 1: an ensemble of independent towers, concatenated (see TowerConfig).
-        self.members = [Tower(specs, config.model_copy(update={"members": 1}),
-                              name=f"member_{m}") for m in range(config.members)] \
-            if config.members > 1 else []
-        if self.members:
+        if config.members > 1:
+            self.members = members or [
+                Tower(specs, config.model_copy(update={"members": 1}), name=f"member_{m}")
+                for m in range(config.members)]
             return
-        self.encoders = {s.name: make_encoder(s) for s in self.specs}
+        self.members = []
+        self.encoders = encoders or {s.name: make_encoder(s) for s in self.specs}
         self.hidden = [tf.keras.layers.Dense(u, activation="relu") for u in config.hidden_units]
         self.dropout = (tf.keras.layers.Dropout(config.dropout) if config.dropout else None)
         self.projection = tf.keras.layers.Dense(config.output_dim)
+
+    def get_config(self) -> dict:
+        config = {"name": self.name, "specs": [s.model_dump(mode="json") for s in self.specs],
+                  "config": self.tower_config.model_dump(mode="json")}
+        if self.members:
+            config["members"] = [m.get_config() for m in self.members]
+        else:
+            config["encoders"] = {n: tf.keras.layers.serialize(e)
+                                  for n, e in self.encoders.items()}
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None) -> "Tower":
+        encoders = {n: tf.keras.layers.deserialize(e, custom_objects=custom_objects)
+                    for n, e in config.get("encoders", {}).items()}
+        return cls([_FEATURE.validate_python(s) for s in config["specs"]],
+                   TowerConfig.model_validate(config["config"]),
+                   encoders=encoders or None,
+                   members=[cls.from_config(m) for m in config.get("members", [])] or None,
+                   name=config["name"])
 
     @property
     def input_signature(self) -> dict[str, tf.TensorSpec]:
@@ -47,6 +81,29 @@ class Tower(tf.keras.Model):
             return
         for spec in self.specs:
             self.encoders[spec.name].adapt(raw_column(table, spec, table_name))
+
+    def grow_vocabularies(self, table: pd.DataFrame, table_name: str,
+                          features: Optional[Sequence[str]] = None) -> dict[str, list[str]]:
+        """Append the values of ``table`` new to the vocabularies of the
+        categorical / multi-valued encoders (``features``: those names only).
+
+        Known values keep their index and embedding row exactly; new ones get
+        rows at the end. Returns {feature: values added} (ensemble members grow
+        alike). Functions traced over the tower before (``TowerEmbedder``, a
+        compiled ``fit``) and optimizer slots of the grown tables must be made
+        again.
+        """
+        added = {}
+        for member in self.members:
+            added = member.grow_vocabularies(table, table_name, features) or added
+        if self.members:
+            return added
+        for spec in self.specs:
+            encoder = self.encoders[spec.name]
+            if (features is None or spec.name in features) and \
+                    hasattr(encoder, "grow_vocabulary"):
+                added[spec.name] = encoder.grow_vocabulary(raw_column(table, spec, table_name))
+        return added
 
     @property
     def embedding_dim(self) -> int:
@@ -75,22 +132,28 @@ def features_of(table: pd.DataFrame, specs: Sequence[FeatureConfig],
     return {s.name: raw_column(table, s, table_name) for s in specs}
 
 
-def embed(tower: Tower, features: dict, batch_size: int = 4096) -> np.ndarray:
-    """Run a tower over a dict of numpy columns in batches; returns [n, d] float32.
+class TowerEmbedder:
+    """Runs a tower over dicts of numpy columns in batches -> [n, d] float32.
 
-    The traced inference function is kept on the tower, so per-epoch
-    validation does not trace it again.
+    The inference function is traced once per embedder, so per-epoch
+    validation does not trace it again. Make a new one after the tower's
+    variables change shape (``Tower.grow_vocabularies``).
     """
-    n = len(next(iter(features.values())))
-    out = []
-    call = getattr(tower, "_inference_fn", None)
-    if call is None:
-        call = tf.function(lambda f: tower(f, training=False),
-                           input_signature=[tower.input_signature])
-        object.__setattr__(tower, "_inference_fn", call)  # not tracked by Keras
-    for start in range(0, n, batch_size):
-        chunk = {k: v[start:start + batch_size] for k, v in features.items()}
-        out.append(call(chunk).numpy())
-    if not out:
-        return np.zeros((0, tower.embedding_dim), np.float32)
-    return np.concatenate(out).astype(np.float32)
+
+    def __init__(self, tower: Tower, batch_size: int = 4096):
+        self.tower, self.batch_size = tower, batch_size
+        self._call = tf.function(lambda f: tower(f, training=False),
+                                 input_signature=[tower.input_signature])
+
+    def __call__(self, features: dict) -> np.ndarray:
+        n = len(next(iter(features.values())))
+        out = [self._call({k: v[start:start + self.batch_size] for k, v in features.items()})
+               .numpy() for start in range(0, n, self.batch_size)]
+        if not out:
+            return np.zeros((0, self.tower.embedding_dim), np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+
+def embed(tower: Tower, features: dict, batch_size: int = 4096) -> np.ndarray:
+    """One-off ``TowerEmbedder(tower, batch_size)(features)``."""
+    return TowerEmbedder(tower, batch_size)(features)

@@ -1,9 +1,11 @@
-"""One training run: data -> split -> adapt towers -> fit -> evaluate -> artifacts.
+"""One training run in named steps: prepare -> build -> fit -> evaluate -> save.
 
-Writes into the run directory (docs/ARTIFACTS.md): tower SavedModels, the
-catalog, metrics, history, report and plot. An interrupted run started again
-with the same config and output directory resumes from its last epoch
-(Keras BackupAndRestore).
+``train()`` chains them; model updates and tests call the same steps.
+Everything is written into a staging directory and committed to the run
+directory only when the run finished (trainer.run_dir, docs/ARTIFACTS.md):
+tower SavedModels, the catalog, metrics, history, report and plot. An
+interrupted run started again with the same config and output directory
+resumes from its last epoch (Keras BackupAndRestore) and logs so.
 """
 from __future__ import annotations
 
@@ -14,30 +16,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from trainer.config import PER_QUERY_OBJECTIVES, RunConfig, dump_config
+from trainer import run_dir
+from trainer.batches import TrainingBatches
+from trainer.config import RunConfig, dump_config
 from trainer.data import Tables, load_tables
-from trainer.dataset import EncodedTables, TrainingData
-from trainer.history import with_history
-from trainer.evaluation import (EvalSet, embedding_scores, evaluate, popularity_scores,
-                                split_interactions)
+from trainer.evaluation import EvalSet, embedding_scores, evaluate, popularity_scores
 from trainer.model import TwoTowerModel
+from trainer.objective_registry import OBJECTIVES
 from trainer.objectives import make_objective
+from trainer.prepare import EncodedTables, PreparedData, prepare_data
 from trainer.saving import save_run_artifacts
-from trainer.towers import Tower, embed
+from trainer.towers import Tower, TowerEmbedder
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainedRun:
+@dataclass(frozen=True)
+class FitResult:
+    history: dict                 # metric -> per-epoch values, resumed epochs included
+    train_seconds: float          # this fit only
+    resumed_after_epoch: int      # epochs restored from a backup (0: a fresh start)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    model: dict                   # metrics of the two towers (trainer.evaluation)
+    popularity: dict              # the most-popular baseline on the same test set
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What ``train()`` returns; the run on disk is read by export.run_artifacts."""
+
     model: TwoTowerModel
     metrics: dict
     history: dict
     output_dir: Path
+
+
+def model_scores(model: TwoTowerModel, encoded: EncodedTables):
+    """score_fn(user rows) -> [n, num_items] dot products of the towers."""
+    user_emb = TowerEmbedder(model.query_tower)(encoded.user_features)
+    item_emb = TowerEmbedder(model.candidate_tower)(encoded.item_features)
+    return embedding_scores(user_emb, item_emb)
 
 
 class ValidationHitRate(tf.keras.callbacks.Callback):
@@ -46,49 +70,63 @@ class ValidationHitRate(tf.keras.callbacks.Callback):
     def __init__(self, encoded: EncodedTables, data: EvalSet, ks=(10, 100)):
         super().__init__()
         self.encoded, self.data, self.ks = encoded, data, ks
+        self._embedders = None
 
     def on_epoch_end(self, epoch, logs=None):
-        scores = _model_scores(self.model, self.encoded)
+        if self._embedders is None:   # traced once, reused every epoch
+            self._embedders = (TowerEmbedder(self.model.query_tower),
+                               TowerEmbedder(self.model.candidate_tower))
+        users, items = self._embedders
+        scores = embedding_scores(users(self.encoded.user_features),
+                                  items(self.encoded.item_features))
         result = evaluate(scores, self.data, ks=self.ks)
         if logs is not None:
             for k in self.ks:
                 logs[f"val_hr@{k}"] = result[f"hr@{k}"]
 
 
-def _model_scores(model: TwoTowerModel, encoded: EncodedTables):
-    user_emb = embed(model.query_tower, encoded.user_features)
-    item_emb = embed(model.candidate_tower, encoded.item_features)
-    return embedding_scores(user_emb, item_emb)
+class _ResumeLog(tf.keras.callbacks.Callback):
+    """Logs (and keeps) the epoch a fit restored by BackupAndRestore starts at."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs, self.resumed_after = epochs, 0
+        self._first = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first and epoch > 0:
+            self.resumed_after = epoch
+            log.warning("resumed an interrupted training: epochs 1-%d restored from its "
+                        "backup, continuing with epoch %d of %d", epoch, epoch + 1,
+                        self.epochs)
+        self._first = False
 
 
-def _eval_set(encoded: EncodedTables, train_pos: pd.DataFrame,
-              test_pos: pd.DataFrame) -> EvalSet:
-    su, si = encoded.rows(train_pos)
-    tu, ti = encoded.rows(test_pos)
-    popularity = np.bincount(si, minlength=len(encoded.item_index)).astype(np.float64)
-    return EvalSet(tu, ti, su, si, len(encoded.item_index), popularity)
+def has_backup(out: Path) -> bool:
+    """Whether ``out/backup`` holds a BackupAndRestore checkpoint to resume from
+    (a finished fit leaves the directory empty)."""
+    backup = out / "backup"
+    return backup.is_dir() and any(backup.iterdir())
 
 
-def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
-                train_pos: pd.DataFrame, num_mined: Optional[int] = None) -> TwoTowerModel:
+def build_model(config: RunConfig, prepared: PreparedData) -> TwoTowerModel:
     """Towers adapted on training data: ids see only trained-on users/items.
 
     Vocabularies of the id features come from the training positives (a new
     item's id is OOV and the item is represented through its other features);
     every other feature adapts on the rows of users/items that appear in them.
-    ``num_mined``: hard negatives per positive mined in-graph (default: what
-    ``config.sampling`` asks of a per-query objective with hard_source mined).
     """
-    train_users = users[users["user_id"].isin(train_pos["user_id"])]
-    train_items = items[items["item_id"].isin(train_pos["item_id"])]
+    tables, train_pos = prepared.tables, prepared.splits.train_positives
+    train_users = tables.users[tables.users["user_id"].isin(train_pos["user_id"])]
+    train_items = tables.items[tables.items["item_id"].isin(train_pos["item_id"])]
     query = Tower(config.features.user, config.model.query_tower, name="query_tower")
     candidate = Tower(config.features.item, config.model.candidate_tower,
                       name="candidate_tower")
     query.adapt(train_users, "users")
     candidate.adapt(train_items, "items")
-    if num_mined is None:
-        num_mined = _num_mined(config)
-    model = TwoTowerModel(query, candidate, make_objective(config.objective), num_mined)
+    model = TwoTowerModel(query, candidate, make_objective(config.objective),
+                          OBJECTIVES[config.objective.kind].batch,
+                          prepared.negatives.num_mined)
     optimizer = {
         "adam": tf.keras.optimizers.Adam,
         "adagrad": tf.keras.optimizers.Adagrad,
@@ -111,67 +149,32 @@ def _epoch_history(csv_path: Path, fitted: dict) -> dict:
     return {k: [float(v) for v in table[k]] for k in table.columns if k != "epoch"}
 
 
-def _num_mined(config: RunConfig) -> int:
-    neg = config.sampling.negatives
-    if config.objective.kind not in PER_QUERY_OBJECTIVES or neg.hard_source == "ranking_log":
-        return 0
-    return int(round(neg.hard_fraction * neg.num_negatives))
+def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Path,
+        verbose: Optional[int] = None,
+        extra_callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> FitResult:
+    """Fit on the prepared batches, with backup / checkpoints / logs under ``out``.
 
-
-def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = None,
-          verbose: Optional[int] = None,
-          extra_callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> TrainedRun:
-    """Run the whole job and write its artifacts; returns model and metrics."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    tf.keras.utils.set_random_seed(config.training.seed)
-
-    tables = tables if tables is not None else load_tables(config.data)
-    ev = config.evaluation
-    train_rows, test_rows = split_interactions(
-        tables.interactions, ev.protocol, ev.seed, ev.train_fraction, ev.test_days)
-    # Retrieval trains on clicks only: exposed-but-not-clicked rows are never
-    # retrieval negatives (they stay in the tables for ranking models).
-    train_pos = train_rows[train_rows["clicked"] == 1]
-    test_pos = test_rows[test_rows["clicked"] == 1]
-    val_pos = None
+    A backup in ``out/backup`` (an interrupted fit) is resumed from.
+    """
     tc = config.training
-    # The test set is scored against the whole train split: validation clicks
-    # are the user's known items too (excluded from the ranking, seen.parquet).
-    split_pos = train_pos
-    if tc.validation_fraction > 0:
-        idx = np.random.default_rng(tc.seed).permutation(len(train_pos))
-        cut = int(len(train_pos) * (1 - tc.validation_fraction))
-        train_pos, val_pos = train_pos.iloc[idx[:cut]], train_pos.iloc[idx[cut:]]
-
-    # A configured history feature is computed from the training clicks only.
-    tables = with_history(tables, train_pos, config.features.user)
-    encoded = EncodedTables.build(tables.users, tables.items, config.features.user,
-                                  config.features.item)
-    # Negatives are never one of the user's training interactions, clicked or
-    # exposed-not-clicked; only matrix_factorization trains on the y = 0 rows.
-    exposed = train_rows[train_rows["clicked"] == 0]
-    labelled = pd.concat([train_pos, exposed]) if config.objective.kind == \
-        "matrix_factorization" else None
-    data = TrainingData(encoded, train_pos, exposed, config, tables.ranking_log, labelled)
-    model = build_model(config, tables.users, tables.items, train_pos, data.num_mined)
-    ds = data.dataset(tc.batch_size, tc.seed)
-
+    ds = TrainingBatches(prepared, config).dataset(tc.batch_size, tc.seed)
     model(next(iter(ds)))  # build variables so BackupAndRestore can restore them all
     # Every finished epoch's logs, across interruptions: a resumed fit only
     # reports the epochs it ran itself.
     history_csv = out / "history.csv"
-    if not (out / "backup").exists():
+    if not has_backup(out):
         history_csv.unlink(missing_ok=True)   # a fresh run: nothing to continue
+    resume = _ResumeLog(tc.epochs)
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
+        resume,
         tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
                                            save_weights_only=True),
         tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
     ]
-    if val_pos is not None:
-        callbacks.insert(0, ValidationHitRate(encoded, _eval_set(encoded, train_pos, val_pos),
+    validation = prepared.validation_set()
+    if validation is not None:
+        callbacks.insert(0, ValidationHitRate(prepared.encoded, validation,
                                               ks=tuple(sorted({10, 100, tc.early_stopping_k}))))
         if tc.early_stopping_patience:
             callbacks.append(tf.keras.callbacks.EarlyStopping(
@@ -182,19 +185,50 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     started = time.perf_counter()
-    fit = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
-    train_seconds = time.perf_counter() - started
+    fitted = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
+    if (out / "backup").is_dir() and not has_backup(out):
+        (out / "backup").rmdir()   # a finished fit: Keras emptied it
+    return FitResult(_epoch_history(history_csv, fitted.history),
+                     time.perf_counter() - started, resume.resumed_after)
 
-    history = _epoch_history(history_csv, fit.history)
-    data = _eval_set(encoded, split_pos, test_pos)
-    metrics = {
-        "dataset": tables.name,
-        "protocol": ev.protocol,
-        "train_positives": int(len(train_pos)),
-        "train_seconds": round(train_seconds, 2),
-        "epochs_run": len(history.get("loss", [])),
-        "model": evaluate(_model_scores(model, encoded), data, ev.ks),
-        "popularity": evaluate(popularity_scores(data), data, ev.ks),
+
+def evaluate_model(model: TwoTowerModel, prepared: PreparedData,
+                   ks: Sequence[int]) -> Evaluation:
+    """Exact full-catalog top-K of the towers and of the popularity baseline."""
+    test = prepared.test_set()
+    return Evaluation(evaluate(model_scores(model, prepared.encoded), test, ks),
+                      evaluate(popularity_scores(test), test, ks))
+
+
+def run_metrics(config: RunConfig, prepared: PreparedData, fitted: FitResult,
+                evaluation: Evaluation) -> dict:
+    """metrics.json of a run (docs/ARTIFACTS.md)."""
+    return {
+        "dataset": prepared.tables.name,
+        "protocol": config.evaluation.protocol,
+        "train_positives": int(len(prepared.splits.train_positives)),
+        "train_seconds": round(fitted.train_seconds, 2),
+        "epochs_run": len(fitted.history.get("loss", [])),
+        "model": evaluation.model,
+        "popularity": evaluation.popularity,
     }
-    save_run_artifacts(out, config, model, tables, split_pos, metrics, history)
-    return TrainedRun(model, metrics, history, out)
+
+
+def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = None,
+          verbose: Optional[int] = None,
+          extra_callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> TrainingResult:
+    """Run the whole job and commit its run directory; returns model and metrics."""
+    out = Path(output_dir)
+    staging = run_dir.open_staging(out, resumable=has_backup)
+    (staging / run_dir.RUN_MARKER).write_text(dump_config(config), encoding="utf-8")
+    tf.keras.utils.set_random_seed(config.training.seed)
+
+    prepared = prepare_data(config, tables if tables is not None else load_tables(config.data))
+    model = build_model(config, prepared)
+    fitted = fit(model, prepared, config, staging, verbose, extra_callbacks)
+    metrics = run_metrics(config, prepared, fitted,
+                          evaluate_model(model, prepared, config.evaluation.ks))
+    save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
+                       metrics, fitted.history)
+    run_dir.commit(out)
+    return TrainingResult(model, metrics, fitted.history, out)

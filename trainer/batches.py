@@ -1,131 +1,89 @@
-"""tf.data pipelines of training positives joined with user and item features.
+"""tf.data pipelines of training batches, one shape per objective batch kind.
 
 Feature tables are held once as tensors; the pipeline streams (user row,
 item row) index pairs and gathers features per batch, so memory grows with
-the tables, not with tables x interactions.
+the tables, not with tables x interactions. What goes into a batch (the
+batch kind, how many negatives from where) is decided by
+trainer.objective_registry; the samplers are trainer.sampling.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from trainer.history import HistoryLeaveOut, history_spec
-from trainer.towers import features_of
+from trainer import sampling as S
+from trainer.config import RunConfig
+from trainer.objective_registry import OBJECTIVES
+from trainer.prepare import PreparedData
+from trainer.user_history import HistoryLeaveOut, history_spec
 
 
-@dataclass
-class EncodedTables:
-    """User/item feature columns plus id -> row maps."""
+class TrainingBatches:
+    """The tf.data pipeline an objective trains on (docs/TOOLKIT.md).
 
-    user_features: dict
-    item_features: dict
-    user_index: pd.Index
-    item_index: pd.Index
+    Inputs (``PreparedData``) are the retrieval positives (clicked rows only),
+    the users' exposed-not-clicked training rows (with the clicks, the
+    exclusion set: never negatives), the item click counts and an optional
+    ranking log. Batches always hold ``query``, ``candidate``, ``item_prob``
+    [B] (the logQ term of in-batch negatives) and ``item_row`` [B]; then, by
+    the objective's batch kind:
 
-    @classmethod
-    def build(cls, users: pd.DataFrame, items: pd.DataFrame, user_specs, item_specs):
-        return cls(features_of(users, user_specs, "users"),
-                   features_of(items, item_specs, "items"),
-                   pd.Index(users["user_id"].astype(str)),
-                   pd.Index(items["item_id"].astype(str)))
-
-    def rows(self, interactions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        u = self.user_index.get_indexer(interactions["user_id"].astype(str))
-        i = self.item_index.get_indexer(interactions["item_id"].astype(str))
-        if (u < 0).any() or (i < 0).any():
-            raise ValueError("interactions reference users/items missing from the tables")
-        return u.astype(np.int64), i.astype(np.int64)
-
-
-# ------------------------------------------------------------------ the toolkit
-class TrainingData:
-    """The tf.data pipeline each objective trains on (docs/TOOLKIT.md).
-
-    Inputs are the retrieval positives (clicked rows only), all training
-    interactions of the users (clicked or exposed-not-clicked: the exclusion
-    set, never negatives) and an optional ranking log. Batches always hold
-    ``query``, ``candidate``, ``item_prob`` [B] (the logQ term of in-batch
-    negatives) and ``item_row`` [B]; then, by objective:
-
-    - in_batch_softmax: with ``extra_candidates`` E > 0, ``extra`` (item
+    - ``in_batch``: with ``extra_candidates`` E > 0, ``extra`` (item
       features [E]), ``candidate_row`` / ``candidate_prob`` [B + E] and a
       ``score_mask`` [B, B + E] that removes the users' own items from the
       extras and their exposed-not-clicked items from the in-batch ones (with
       ``mask_user_positives``, their clicked ones too);
-    - per-query objectives: ``negatives`` (item features [B * N_s]),
+    - ``per_query``: ``negatives`` (item features [B * N_s]),
       ``neg_row`` / ``neg_valid`` / ``neg_logq`` [B, N_s]; for mined hard
       negatives ``pool`` (features of [P] catalog draws) and
       ``pool_excluded`` [B, P] - the model picks the hardest in-graph;
-    - matrix_factorization: every training row (clicked -> 1, exposed -> 0)
-      plus ``unobserved_per_row`` uniform draws per row (label 0), as
+    - ``labelled``: every training row (clicked -> 1, exposed -> 0) plus
+      ``unobserved_per_row`` uniform draws per row (label 0), as
       ``label`` / ``weight`` [B'].
 
     All sampling is TensorFlow ops seeded from ``tf.data.Dataset.random``, so
     a fixed seed gives the same batches.
     """
 
-    def __init__(self, encoded: "EncodedTables", positives: pd.DataFrame,
-                 interactions: pd.DataFrame, config, ranking_log: pd.DataFrame | None = None,
-                 labelled: pd.DataFrame | None = None):
-        from trainer import sampling as S
-        from trainer.config import PER_QUERY_OBJECTIVES
-
+    def __init__(self, prepared: PreparedData, config: RunConfig):
+        encoded, splits = prepared.encoded, prepared.splits
         self.encoded = encoded
         self.config = config
-        self.kind = config.objective.kind
-        self.per_query = self.kind in PER_QUERY_OBJECTIVES
+        self.batch_kind = OBJECTIVES[config.objective.kind].batch
+        self.plan = prepared.negatives
         neg, pos_cfg = config.sampling.negatives, config.sampling.positives
         num_items = len(encoded.item_index)
-        u, i = encoded.rows(positives)
-        counts = S.item_counts(i, num_items)
+        u, i = prepared.train_rows()
+        counts = prepared.item_counts
         self.keep = S.subsample_keep_probability(counts, pos_cfg.subsample_threshold)
         self.user_rows, self.item_rows = S.upsample_cold(
             u, i, counts, pos_cfg.upsample_below, pos_cfg.upsample_factor)
         self.item_prob = S.effective_item_probability(
             S.item_counts(self.item_rows, num_items), self.keep)
         self.catalog = S.CatalogSampler(counts, neg.alpha)
-        eu, ei = encoded.rows(interactions)
+        eu, ei = encoded.rows(splits.exposed)
         self.exclusion = S.ExclusionSet(np.concatenate([u, eu]), np.concatenate([i, ei]),
                                         num_items)
         self.exclusion_keys = np.unique(np.concatenate([u, eu]) * num_items
                                         + np.concatenate([i, ei]))
         # A user's exposed-but-not-clicked items are never its in-batch negatives.
         self.exposures = S.ExclusionSet(eu, ei, num_items) if len(eu) else None
-        # Hard negatives: how many, and from where.
-        self.num_hard = int(round(neg.hard_fraction * neg.num_negatives)) if self.per_query else 0
-        self.num_easy = neg.num_negatives - self.num_hard if self.per_query else 0
-        self.hard_source = None
         self.ranking_log = None
-        if self.num_hard:
-            source = neg.hard_source
-            if source == "auto":
-                source = "ranking_log" if ranking_log is not None and len(ranking_log) else "mined"
-            if source == "ranking_log":
-                if ranking_log is None or not len(ranking_log):
-                    raise ValueError("sampling.negatives.hard_source=ranking_log but the data "
-                                     "has no ranking log (use 'mined' or 'auto')")
-                self.ranking_log = S.RankingLogSampler(
-                    *self._ranking_log_rows(ranking_log), len(encoded.user_index))
-            self.hard_source = source
+        if self.plan.hard_source == "ranking_log":
+            self.ranking_log = S.RankingLogSampler(
+                *self._ranking_log_rows(prepared.tables.ranking_log), len(encoded.user_index))
         spec = history_spec(config.features.user)
         self.history = None
         if spec is not None:  # training targets leave the user's history
             self.history = HistoryLeaveOut(spec, encoded.user_features[spec.name],
                                            np.asarray(encoded.item_index))
         self.labelled = None
-        if self.kind == "matrix_factorization":
-            lu, li = encoded.rows(labelled if labelled is not None else positives)
-            y = (labelled["clicked"].to_numpy() if labelled is not None
-                 else np.ones(len(lu))).astype(np.float32)
-            self.labelled = (lu, li, y)
+        if self.batch_kind == "labelled":
+            labelled = splits.labelled
+            lu, li = encoded.rows(labelled)
+            self.labelled = (lu, li, labelled["clicked"].to_numpy().astype(np.float32))
             self.uniform = S.CatalogSampler(np.ones(num_items), 0.0)
-
-    @property
-    def num_mined(self) -> int:
-        return self.num_hard if self.hard_source == "mined" else 0
 
     def _ranking_log_rows(self, ranking_log: pd.DataFrame):
         """Ranking-log pairs as rows; unknown ids and the user's own items dropped."""
@@ -139,8 +97,6 @@ class TrainingData:
 
     # ---------------------------------------------------------------- pipeline
     def dataset(self, batch_size: int, seed: int, shuffle: bool = True) -> tf.data.Dataset:
-        from trainer import sampling as S
-
         t = self.encoded
         self._user_cols = {k: tf.constant(v) for k, v in t.user_features.items()}
         self._item_cols = {k: tf.constant(v) for k, v in t.item_features.items()}
@@ -187,8 +143,6 @@ class TrainingData:
         return query
 
     def _batch(self, u, i, r):
-        from trainer import sampling as S
-
         neg = self.config.sampling.negatives
         seed = tf.stack([r, tf.constant(self._seed, tf.int64)])
         out = {
@@ -197,7 +151,7 @@ class TrainingData:
             "item_prob": tf.gather(self._p, i),
             "item_row": i,  # integer id: accidental-hit checks compare ints, not strings
         }
-        if self.kind == "in_batch_softmax":
+        if self.batch_kind == "in_batch":
             b = tf.shape(u)[0]
             masks = []
             # With a history feature the mask is always on: the user's other
@@ -224,23 +178,24 @@ class TrainingData:
                 out["score_mask"] = tf.concat(masks, axis=1)
             return out
         # per-query objectives: N_s sampled negatives (+ mined ones in the model)
+        plan = self.plan
         rows, valid, logq = [], [], []
-        if self.num_easy:
-            r_e, v_e = S.sample_excluding(self.catalog, self.exclusion, u, self.num_easy,
+        if plan.num_easy:
+            r_e, v_e = S.sample_excluding(self.catalog, self.exclusion, u, plan.num_easy,
                                           seed + tf.constant([0, 1], tf.int64))
             rows.append(r_e)
             valid.append(v_e)
-            logq.append(tf.math.log(self.num_easy * tf.gather(self._q, r_e)))
-        if self.hard_source == "ranking_log":
-            r_h, has = self.ranking_log.sample(u, self.num_hard,
+            logq.append(tf.math.log(plan.num_easy * tf.gather(self._q, r_e)))
+        if plan.hard_source == "ranking_log":
+            r_h, has = self.ranking_log.sample(u, plan.num_hard,
                                                seed + tf.constant([0, 2], tf.int64))
             # Users without a logged item fall back to easy catalog draws.
-            r_f, v_f = S.sample_excluding(self.catalog, self.exclusion, u, self.num_hard,
+            r_f, v_f = S.sample_excluding(self.catalog, self.exclusion, u, plan.num_hard,
                                           seed + tf.constant([0, 3], tf.int64))
             rows.append(tf.where(has, r_h, r_f))
             valid.append(tf.logical_or(has, v_f))
-            logq.append(tf.where(has, 0.0, tf.math.log(self.num_hard * tf.gather(self._q, r_f))))
-        elif self.hard_source == "mined":
+            logq.append(tf.where(has, 0.0, tf.math.log(plan.num_hard * tf.gather(self._q, r_f))))
+        elif plan.hard_source == "mined":
             # distinct items: a popular item drawn twice must not be mined twice
             pool = tf.unique(self.catalog.sample([neg.mining_pool],
                                                  seed + tf.constant([0, 4], tf.int64))).y
@@ -255,8 +210,6 @@ class TrainingData:
         return out
 
     def _labelled_batch(self, u, i, y, r):
-        from trainer import sampling as S
-
         k = self.config.objective.unobserved_per_row
         w = tf.ones_like(y)
         if k:

@@ -1,0 +1,123 @@
+"""The objectives registry: per objective kind, everything the trainer must know.
+
+One entry per ``objective.kind`` says which loss layer it trains with
+(trainer.objectives), which ``ObjectiveConfig`` fields that layer takes, the
+batch it needs (trainer.batches builds it, trainer.model consumes it), the
+optional switches it uses (every other objective refuses them) and any extra
+check of the run config. Config validation (trainer.config), the batch
+builder and the model all read it, so adding an objective is one entry here
+plus its loss layer. No TensorFlow here: config validation imports it.
+
+Batch kinds:
+
+- ``in_batch``: the batch's positives are each other's negatives, plus
+  ``sampling.negatives.extra_candidates`` catalog draws (a score mask keeps
+  the user's own items out);
+- ``per_query``: ``sampling.negatives.num_negatives`` negatives per positive,
+  a ``hard_fraction`` of them hard: from the ranking log, or mined in-graph
+  from a pool of catalog draws (``plan_negatives`` decides which);
+- ``labelled``: every training row (clicked -> 1, exposed -> 0) plus
+  uniformly drawn unobserved items (label 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+BatchKind = Literal["in_batch", "per_query", "labelled"]
+# Optional switches that only some objectives use: (section, field) in the run config.
+SWITCHES = {
+    "objective.num_hard_negatives": ("objective", "num_hard_negatives"),
+    "objective.unobserved_per_row": ("objective", "unobserved_per_row"),
+    "sampling.negatives.extra_candidates": ("negatives", "extra_candidates"),
+    "sampling.negatives.hard_fraction": ("negatives", "hard_fraction"),
+}
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    loss: str                         # class name in trainer.objectives
+    batch: BatchKind
+    loss_options: tuple[str, ...]     # ObjectiveConfig fields passed to the loss layer
+    switches: frozenset[str] = frozenset()   # keys of SWITCHES this objective uses
+    check: Optional[Callable[[object], None]] = None   # check(run_config), raises ValueError
+
+
+def _plain_id_towers(config) -> None:
+    kind = config.objective.kind
+    if any(t.l2_normalize for t in (config.model.query_tower, config.model.candidate_tower)):
+        raise ValueError(f"objective.kind={kind} scores with the plain inner product: set "
+                         "model.query_tower.l2_normalize and "
+                         "model.candidate_tower.l2_normalize to false")
+    names = ([f.name for f in config.features.user], [f.name for f in config.features.item])
+    if names != (["user_id"], ["item_id"]):
+        raise ValueError(f"objective.kind={kind} is the id-only baseline: features.user "
+                         "must be [user_id] and features.item [item_id]")
+
+
+_PER_QUERY = frozenset({"sampling.negatives.hard_fraction"})
+OBJECTIVES: dict[str, ObjectiveEntry] = {
+    "in_batch_softmax": ObjectiveEntry(
+        "InBatchSoftmax", "in_batch",
+        ("temperature", "logq_correction", "remove_accidental_hits", "num_hard_negatives"),
+        frozenset({"objective.num_hard_negatives", "sampling.negatives.extra_candidates"})),
+    "matrix_factorization": ObjectiveEntry(
+        "MatrixFactorization", "labelled", ("l2_regularization",),
+        frozenset({"objective.unobserved_per_row"}), check=_plain_id_towers),
+    "pointwise": ObjectiveEntry("Pointwise", "per_query", ("temperature",), _PER_QUERY),
+    "pairwise_hinge": ObjectiveEntry("PairwiseHinge", "per_query", ("margin",), _PER_QUERY),
+    "pairwise_logistic": ObjectiveEntry("PairwiseLogistic", "per_query", ("sigma",),
+                                        _PER_QUERY),
+    "listwise": ObjectiveEntry("Listwise", "per_query", ("temperature", "logq_correction"),
+                               _PER_QUERY),
+}
+OBJECTIVE_KINDS = tuple(OBJECTIVES)
+
+
+def check_objective(config) -> None:
+    """The objective's own check of a RunConfig, then refuse the switches it does
+    not use (no option is silently ignored)."""
+    kind = config.objective.kind
+    entry = OBJECTIVES[kind]
+    if entry.check is not None:
+        entry.check(config)
+    sections = {"objective": config.objective, "negatives": config.sampling.negatives}
+    unused = [key for key, (section, field) in SWITCHES.items()
+              if key not in entry.switches and getattr(sections[section], field)]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used by objective.kind={kind}")
+
+
+@dataclass(frozen=True)
+class NegativesPlan:
+    """How many negatives per positive a per-query batch holds, and where the
+    hard ones come from (``hard_source``: "ranking_log", "mined" or None)."""
+
+    num_easy: int = 0
+    num_hard: int = 0
+    hard_source: Optional[str] = None
+
+    @property
+    def num_mined(self) -> int:
+        """Hard negatives the model mines in-graph from the batch's pool."""
+        return self.num_hard if self.hard_source == "mined" else 0
+
+
+def plan_negatives(objective_kind: str, negatives, has_ranking_log: bool) -> NegativesPlan:
+    """The one reading of ``sampling.negatives`` for an objective and a data set.
+
+    ``hard_source: auto`` is the ranking log when the data has one (non-empty),
+    else mined; ``ranking_log`` without one is an error.
+    """
+    if OBJECTIVES[objective_kind].batch != "per_query":
+        return NegativesPlan()
+    num_hard = int(round(negatives.hard_fraction * negatives.num_negatives))
+    source = None
+    if num_hard:
+        source = negatives.hard_source
+        if source == "auto":
+            source = "ranking_log" if has_ranking_log else "mined"
+        if source == "ranking_log" and not has_ranking_log:
+            raise ValueError("sampling.negatives.hard_source=ranking_log but the data "
+                             "has no ranking log (use 'mined' or 'auto')")
+    return NegativesPlan(negatives.num_negatives - num_hard, num_hard, source)
