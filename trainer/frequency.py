@@ -35,8 +35,9 @@ Two choices of ours, both tested (tests/test_frequency.py):
   steps of memory: on the Zipf stream of the tests, alpha 0.01, its most
   frequent item (15.7 copies a batch) came out 11 % off, against 2 % here.)
   Estimates move per sighting: an item rising 4x is followed to within
-  15 % in 5 / alpha steps, one falling 4x in 10 / alpha. With several hashes a shared bucket only raises
-  C / B, so the estimate is the minimum over hashes (the paper's 1 / max B).
+  15 % in 5 / alpha steps, one falling 4x in 10 / alpha. With several
+  hashes a shared bucket only raises C / B, so the estimate is the minimum
+  over hashes (the paper's 1 / max B).
 - **first sighting**: a bucket never seen before (A = 0) only records the
   step; B and C keep their initial values until a real gap is measured. The
   paper's t - 0 would make an item first seen at step 10^5 look like a
