@@ -117,3 +117,35 @@ def test_bad_arguments_are_named():
         StreamingFrequency(num_hashes=5)
     with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
         StreamingFrequency(alpha=1.0)
+
+
+class _Counter(tf.keras.Model):
+    """A model whose Keras train step feeds each batch of ids to the estimator."""
+
+    def __init__(self):
+        super().__init__()
+        self.frequency = StreamingFrequency(num_buckets=100, num_hashes=2)
+        self.bias = tf.Variable(0.0)
+
+    def train_step(self, ids):
+        with tf.GradientTape() as tape:
+            prob = self.frequency(ids, training=True)
+            loss = tf.reduce_mean(tf.square(self.bias + tf.math.log(prob)))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, [self.bias]), [self.bias]))
+        return {"loss": loss}
+
+
+def test_updated_by_keras_fit_and_kept_in_its_weight_checkpoints(tmp_path):
+    ids = tf.data.Dataset.from_tensor_slices(tf.constant([["a", "a", "b"]] * 7)).batch(1)
+    model = _Counter()
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.1))
+    model.fit(ids.map(lambda x: tf.reshape(x, [-1])), epochs=2, verbose=0)
+    assert int(model.frequency.step.numpy()) == 14            # one step per batch
+    decay = 0.99 ** 13
+    assert model.frequency(tf.constant(["a"])).numpy()[0] == pytest.approx(
+        (2 - decay) / (1 + 99 * decay), rel=1e-5)
+    model.save_weights(str(tmp_path / "weights"))
+    fresh = _Counter()
+    fresh.load_weights(str(tmp_path / "weights")).assert_existing_objects_matched()
+    for a, b in zip(model.frequency.weights, fresh.frequency.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

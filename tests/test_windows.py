@@ -1,4 +1,7 @@
 """data.since / data.until cut any data source to [since, until) after loading."""
+import inspect
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -129,3 +132,11 @@ def test_bad_windows_are_config_errors_naming_the_field():
         parse_config({**TINY, "data": {**TINY["data"], "until": "tomorrow"}})
     with pytest.raises(ConfigError, match=r"data\.synthetic\.drift\.item_lifetime_days"):
         parse_config({**TINY, "data": {**TINY["data"], "drift": {"item_lifetime_days": 0.5}}})
+
+
+def test_drifting_config_and_generator_agree_on_defaults():
+    defaults = inspect.signature(generate_drifting).parameters
+    for key, value in DriftConfig().model_dump().items():
+        assert defaults[key].default == value, key
+    data = load_config(Path(__file__).resolve().parent.parent / "configs" / "drifting.yaml").data
+    assert data.drift is not None and data.since is None and data.until is None
