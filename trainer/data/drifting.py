@@ -12,8 +12,8 @@ features and Zipf popularity), but what users want and what exists changes:
   genre is replaced by a non-trending one with probability ``trend_turnover``
   (``trend_schedule``). The day's taste of a user is
   normalize(long-term + interest_weight · interest centre + trend_weight ·
-  trend direction), and trending items' exposure popularity is multiplied by
-  e^(2 · trend_weight);
+  trend direction), and trending items' popularity (for exposures and the
+  click's popularity term) is multiplied by e^(2 · trend_weight);
 - **new users and items**: ``num_users`` users and ``num_items`` items exist
   on day 0; each later day ``new_users_per_day`` users join and
   ``new_items_per_day`` items are published, each at a uniformly drawn time of
