@@ -261,6 +261,15 @@ ObjectiveKind = Literal["in_batch_softmax", "matrix_factorization", "pointwise",
 PER_QUERY_OBJECTIVES = ("pointwise", "pairwise_hinge", "pairwise_logistic", "listwise")
 
 
+class StreamingLogQ(_Strict):
+    """``objective.logq: streaming``: the estimator's settings (trainer.frequency)."""
+
+    num_buckets: int = Field(100_000, gt=0, description="hash buckets per hash")
+    num_hashes: int = Field(2, ge=1, le=4)
+    alpha: float = Field(0.01, gt=0.0, lt=1.0, description="moving-average rate")
+    initial_gap: float = Field(100.0, gt=0.0, description="gap of a bucket not yet seen twice")
+
+
 class ObjectiveConfig(_Strict):
     """How the towers are trained (docs/TOOLKIT.md compares them).
 
@@ -282,6 +291,10 @@ class ObjectiveConfig(_Strict):
     temperature: float = Field(0.2, gt=0.0, description="logits = cos / temperature "
                                "(in_batch_softmax, listwise, pointwise)")
     logq_correction: bool = True
+    # Where q comes from: the training data's click counts (static), or the
+    # streaming estimate updated every training step (new and trending items).
+    logq: Literal["static", "streaming"] = "static"
+    streaming: StreamingLogQ = StreamingLogQ()
     remove_accidental_hits: bool = True
     num_hard_negatives: Optional[int] = Field(
         None, gt=0, description="in_batch_softmax: keep only the k negatives the model "
@@ -430,8 +443,15 @@ class RunConfig(_Strict):
             unused.append("objective.unobserved_per_row")
         if kind not in PER_QUERY_OBJECTIVES and neg.hard_fraction:
             unused.append("sampling.negatives.hard_fraction")
+        if kind != "in_batch_softmax" and self.objective.logq == "streaming":
+            unused.append("objective.logq=streaming")
         if unused:
             raise ValueError(f"{', '.join(unused)}: not used by objective.kind={kind}")
+        if self.objective.logq == "streaming" and (neg.extra_candidates
+                                                   or not self.objective.logq_correction):
+            raise ValueError("objective.logq=streaming needs objective.logq_correction "
+                             "and no sampling.negatives.extra_candidates (their mixture "
+                             "probability comes from the static counts)")
         if tc.early_stopping_patience and not tc.validation_fraction:
             raise ValueError("training.early_stopping_patience needs "
                              "training.validation_fraction > 0 (it watches validation HR@K)")

@@ -9,22 +9,28 @@ candidates, sampled negatives, a mining pool, or labels
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from trainer.frequency import StreamingFrequency
 from trainer.sampling import mine_hard_negatives
 from trainer.towers import Tower
 
 
 class TwoTowerModel(tfrs.Model):
     def __init__(self, query_tower: Tower, candidate_tower: Tower,
-                 objective: tf.keras.layers.Layer, num_mined: int = 0, **kwargs):
+                 objective: tf.keras.layers.Layer, num_mined: int = 0,
+                 frequency: Optional[StreamingFrequency] = None, **kwargs):
         super().__init__(**kwargs)
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
         self.objective = objective
         self.num_mined = num_mined
         self.num_members = query_tower.tower_config.members
+        # objective.logq=streaming: each batch's item_prob comes from this estimate
+        self.frequency = frequency
 
     def _per_member(self, loss_fn, *embeddings):
         """Sum of ``loss_fn`` over the ensemble members' slices of each embedding.
@@ -48,6 +54,9 @@ class TwoTowerModel(tfrs.Model):
         query, candidate = self(batch, training=training)
         inputs = getattr(self.objective, "inputs", "in_batch")
         if inputs == "in_batch":
+            if self.frequency is not None:  # updated with this batch, then read
+                batch = dict(batch, item_prob=self.frequency(batch["candidate"]["item_id"],
+                                                             training=training))
             if "extra" in batch:  # mixed negative sampling: catalog draws after the batch
                 extra = self.candidate_tower(batch["extra"], training=training)
                 candidate = tf.concat([candidate, extra], axis=0)

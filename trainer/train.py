@@ -24,6 +24,7 @@ from trainer.dataset import EncodedTables, TrainingData
 from trainer.history import with_history
 from trainer.evaluation import (EvalSet, embedding_scores, evaluate, popularity_scores,
                                 split_interactions)
+from trainer.frequency import StreamingFrequency
 from trainer.model import TwoTowerModel
 from trainer.objectives import make_objective
 from trainer.saving import save_run_artifacts
@@ -88,7 +89,11 @@ def build_model(config: RunConfig, users: pd.DataFrame, items: pd.DataFrame,
     candidate.adapt(train_items, "items")
     if num_mined is None:
         num_mined = _num_mined(config)
-    model = TwoTowerModel(query, candidate, make_objective(config.objective), num_mined)
+    objective = config.objective
+    frequency = (StreamingFrequency(**objective.streaming.model_dump(), name="item_frequency")
+                 if objective.logq == "streaming" else None)
+    model = TwoTowerModel(query, candidate, make_objective(config.objective), num_mined,
+                          frequency)
     optimizer = {
         "adam": tf.keras.optimizers.Adam,
         "adagrad": tf.keras.optimizers.Adagrad,
