@@ -99,7 +99,7 @@ def genre_centres(rng: np.random.Generator, latent_dim: int) -> np.ndarray:
 
 
 def make_users(rng: np.random.Generator, centres: np.ndarray,
-                num_users: int) -> tuple[pd.DataFrame, np.ndarray]:
+               num_users: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Users around one or two genre centres: (feature table, unit taste vectors)."""
     n_genres, latent_dim = centres.shape
     g1 = rng.integers(0, n_genres, size=num_users)
@@ -174,5 +174,5 @@ def generate_catalog(num_items: int, seed: int = 0, latent_dim: int = 8,
     """
     centres = genre_centres(np.random.default_rng(seed), latent_dim)
     items, _, _ = make_items(np.random.default_rng([seed, num_items]), centres, num_items,
-                              id_prefix)
+                             id_prefix)
     return items
