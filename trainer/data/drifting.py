@@ -127,6 +127,8 @@ def generate_drifting(num_users: int = 2000, num_items: int = 1000,
         joins_today = (user_day == day) & (day > 0)
         active = np.flatnonzero((user_day <= day)
                                 & (joins_today | (rng.random(n_users) < active_share)))
+        if not len(active):
+            continue
         day_start, day_end = day_window(day)
         begin = np.maximum(day_start, joined[active])
         session = begin + (rng.random(len(active))
@@ -168,6 +170,8 @@ def generate_drifting(num_users: int = 2000, num_items: int = 1000,
                        np.take_along_axis(near, pick, axis=1).ravel(),
                        np.repeat(session, ranking_log_per_session)))
 
+    if not events:
+        raise ValueError(f"no user was active in {days} days: raise num_users or active_share")
     eu, ei, ts, clicked = (np.concatenate(c) for c in zip(*events))
     interactions = pd.DataFrame({
         "user_id": users["user_id"].to_numpy()[eu],
