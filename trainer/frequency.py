@@ -69,6 +69,10 @@ class StreamingFrequency(tf.keras.layers.Layer):
     few times the catalog size); ``num_hashes`` 1-4; ``alpha`` the moving
     average's rate (0.01 in the paper: about 1 / alpha sightings to follow a
     change); ``initial_gap`` B's starting value (100 in the paper).
+
+    Single-replica training only: under ``tf.distribute`` each replica would
+    fold in only its own ids; gather the global batch's ids
+    (``all_gather``) and update once per step instead.
     """
 
     def __init__(self, num_buckets: int = 100_000, num_hashes: int = 2, alpha: float = 0.01,
