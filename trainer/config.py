@@ -5,6 +5,7 @@ file, so a typo in a config never turns into a silent default.
 """
 from __future__ import annotations
 
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Sequence, Union
 
@@ -20,8 +21,82 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- data
-class SyntheticData(_Strict):
-    """The embedded default: a seeded generator (see trainer.data.synthetic)."""
+class _Windowed(_Strict):
+    """Every data kind can be cut to the time window [since, until) after loading
+    (trainer.data.windows): unix seconds, or an ISO-8601 date or date-time
+    (UTC unless it names a zone); either bound may be left open."""
+
+    since: Optional[int] = None
+    until: Optional[int] = None
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _unix_seconds(cls, value):
+        return value if value is None else unix_seconds(value)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError(f"since ({self.since}) must be earlier than until ({self.until})")
+        return self
+
+
+def unix_seconds(value) -> int:
+    """int seconds from an int, a digit string, a datetime/date or an ISO-8601 string."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a timestamp, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"expected unix seconds or an ISO-8601 date/time, "
+                             f"got {value!r}") from None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return int(value.timestamp())
+    raise ValueError(f"expected unix seconds or an ISO-8601 date/time, got {value!r}")
+
+
+class DriftConfig(_Strict):
+    """Multi-day mode of the synthetic world (trainer.data.drifting): stable
+    long-term tastes, short-term interests and trends that move from day to
+    day, users and items arriving daily, items retiring."""
+
+    new_users_per_day: int = Field(100, ge=0)
+    new_items_per_day: int = Field(50, ge=0)
+    item_lifetime_days: float = Field(30.0, ge=0.0, description="mean (geometric); 0 = never")
+    active_share: float = Field(0.35, gt=0.0, le=1.0, description="users active on a day")
+    trend_genres: int = Field(2, ge=0, le=11, description="genres trending at a time")
+    trend_turnover: float = Field(0.5, ge=0.0, le=1.0,
+                                  description="daily chance a trending genre is replaced")
+    trend_weight: float = Field(0.6, ge=0.0)
+    interest_weight: float = Field(0.5, ge=0.0)
+    interest_switch: float = Field(0.3, ge=0.0, le=1.0,
+                                   description="daily chance a user's interest genre changes")
+
+    @field_validator("item_lifetime_days")
+    @classmethod
+    def _lifetime(cls, days: float) -> float:
+        if 0 < days < 1:
+            raise ValueError(f"must be 0 (never retire) or >= 1, got {days}")
+        return days
+
+
+class SyntheticData(_Windowed):
+    """The embedded default: a seeded generator (see trainer.data.synthetic).
+
+    With ``drift`` (``drift: {}`` for its defaults) the world runs for
+    ``days`` days: num_users / num_items are the day-0 population and
+    exposures_per_user the exposures of one session (one per active user and
+    day); see trainer.data.drifting.
+    """
 
     kind: Literal["synthetic"] = "synthetic"
     num_users: int = Field(3000, gt=1)
@@ -30,14 +105,15 @@ class SyntheticData(_Strict):
     latent_dim: int = Field(8, gt=0)
     days: int = Field(14, gt=0)
     seed: int = 0
+    drift: Optional[DriftConfig] = None
 
 
-class MovieLens100K(_Strict):
+class MovieLens100K(_Windowed):
     kind: Literal["movielens-100k"]
     path: str
 
 
-class MovieLensLatest(_Strict):
+class MovieLensLatest(_Windowed):
     kind: Literal["movielens-latest"]
     path: str
 
@@ -50,7 +126,7 @@ class TableSource(_Strict):
     separator: str = ","
 
 
-class GenericData(_Strict):
+class GenericData(_Windowed):
     """Generic CSV/Parquet tables with a column mapping per table."""
 
     kind: Literal["tables"]
@@ -186,6 +262,15 @@ class ModelConfig(_Strict):
 ObjectiveKind = Literal[OBJECTIVE_KINDS]
 
 
+class StreamingLogQ(_Strict):
+    """``objective.logq: streaming``: the estimator's settings (trainer.frequency)."""
+
+    num_buckets: int = Field(100_000, gt=0, description="hash buckets per hash")
+    num_hashes: int = Field(2, ge=1, le=4)
+    alpha: float = Field(0.01, gt=0.0, lt=1.0, description="moving-average rate")
+    initial_gap: float = Field(100.0, gt=0.0, description="gap of a bucket not yet seen twice")
+
+
 class ObjectiveConfig(_Strict):
     """How the towers are trained (docs/TOOLKIT.md compares them).
 
@@ -207,6 +292,10 @@ class ObjectiveConfig(_Strict):
     temperature: float = Field(0.2, gt=0.0, description="logits = cos / temperature "
                                "(in_batch_softmax, listwise, pointwise)")
     logq_correction: bool = True
+    # Where q comes from: the training data's click counts (static), or the
+    # streaming estimate updated every training step (new and trending items).
+    logq: Literal["static", "streaming"] = "static"
+    streaming: StreamingLogQ = StreamingLogQ()
     remove_accidental_hits: bool = True
     num_hard_negatives: Optional[int] = Field(
         None, gt=0, description="in_batch_softmax: keep only the k negatives the model "

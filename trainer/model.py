@@ -9,9 +9,12 @@ pool, or labels (trainer.objectives describes the three input shapes).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from trainer.frequency import StreamingFrequency
 from trainer.objective_registry import BatchKind
 from trainer.sampling import mine_hard_negatives
 from trainer.towers import Tower
@@ -24,7 +27,8 @@ class TwoTowerModel(tfrs.Model):
 
     def __init__(self, query_tower: Tower, candidate_tower: Tower,
                  objective: tf.keras.layers.Layer, batch: BatchKind = "in_batch",
-                 num_mined: int = 0, **kwargs):
+                 num_mined: int = 0, frequency: Optional[StreamingFrequency] = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
@@ -32,21 +36,32 @@ class TwoTowerModel(tfrs.Model):
         self.batch = batch
         self.num_mined = num_mined
         self.num_members = query_tower.tower_config.members
+        # objective.logq=streaming: each in-batch batch's item_prob comes from this estimate
+        self.frequency = frequency
         if batch not in ("in_batch", "labelled", "per_query"):
             raise ValueError(f"TwoTowerModel: unknown batch kind {batch!r}")
+        if frequency is not None and batch != "in_batch":
+            raise ValueError("TwoTowerModel: a streaming frequency estimate needs in-batch "
+                             f"batches, not {batch!r}")
 
     def get_config(self) -> dict:
         return {"name": self.name, "query_tower": self.query_tower.get_config(),
                 "candidate_tower": self.candidate_tower.get_config(),
                 "objective": tf.keras.layers.serialize(self.objective),
-                "batch": self.batch, "num_mined": self.num_mined}
+                "batch": self.batch, "num_mined": self.num_mined,
+                "frequency": (None if self.frequency is None
+                              else tf.keras.layers.serialize(self.frequency))}
 
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> "TwoTowerModel":
+        frequency = config.get("frequency")
         return cls(Tower.from_config(config["query_tower"]),
                    Tower.from_config(config["candidate_tower"]),
                    tf.keras.layers.deserialize(config["objective"], custom_objects),
-                   config["batch"], config["num_mined"], name=config["name"])
+                   config["batch"], config["num_mined"],
+                   None if frequency is None else
+                   tf.keras.layers.deserialize(frequency, custom_objects),
+                   name=config["name"])
 
     def _per_member(self, loss_fn, *embeddings):
         """Sum of ``loss_fn`` over the ensemble members' slices of each embedding.
@@ -75,6 +90,9 @@ class TwoTowerModel(tfrs.Model):
             lambda q, c: self.objective(q, c, batch, training=training), query, candidate)
 
     def _in_batch_loss(self, batch, query, candidate, training):
+        if self.frequency is not None:  # updated with this batch, then read
+            batch = dict(batch, item_prob=self.frequency(batch["candidate"]["item_id"],
+                                                         training=training))
         if "extra" in batch:  # mixed negative sampling: catalog draws after the batch
             extra = self.candidate_tower(batch["extra"], training=training)
             candidate = tf.concat([candidate, extra], axis=0)

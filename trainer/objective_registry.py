@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 BatchKind = Literal["in_batch", "per_query", "labelled"]
-# Optional switches that only some objectives use: (section, field) in the run config.
-SWITCHES = {
-    "objective.num_hard_negatives": ("objective", "num_hard_negatives"),
-    "objective.unobserved_per_row": ("objective", "unobserved_per_row"),
-    "sampling.negatives.extra_candidates": ("negatives", "extra_candidates"),
-    "sampling.negatives.hard_fraction": ("negatives", "hard_fraction"),
+# Optional switches that only some objectives use: key -> "is it on in this run config?".
+SWITCHES: dict[str, Callable[[object], bool]] = {
+    "objective.num_hard_negatives": lambda c: bool(c.objective.num_hard_negatives),
+    "objective.unobserved_per_row": lambda c: bool(c.objective.unobserved_per_row),
+    "objective.logq=streaming": lambda c: c.objective.logq == "streaming",
+    "sampling.negatives.extra_candidates": lambda c: bool(c.sampling.negatives.extra_candidates),
+    "sampling.negatives.hard_fraction": lambda c: bool(c.sampling.negatives.hard_fraction),
 }
 
 
@@ -55,12 +56,22 @@ def _plain_id_towers(config) -> None:
                          "must be [user_id] and features.item [item_id]")
 
 
+def _streaming_logq_fits(config) -> None:
+    objective, negatives = config.objective, config.sampling.negatives
+    if objective.logq == "streaming" and (negatives.extra_candidates
+                                          or not objective.logq_correction):
+        raise ValueError("objective.logq=streaming needs objective.logq_correction "
+                         "and no sampling.negatives.extra_candidates (their mixture "
+                         "probability comes from the static counts)")
+
+
 _PER_QUERY = frozenset({"sampling.negatives.hard_fraction"})
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "in_batch_softmax": ObjectiveEntry(
         "InBatchSoftmax", "in_batch",
         ("temperature", "logq_correction", "remove_accidental_hits", "num_hard_negatives"),
-        frozenset({"objective.num_hard_negatives", "sampling.negatives.extra_candidates"})),
+        frozenset({"objective.num_hard_negatives", "objective.logq=streaming",
+                   "sampling.negatives.extra_candidates"}), check=_streaming_logq_fits),
     "matrix_factorization": ObjectiveEntry(
         "MatrixFactorization", "labelled", ("l2_regularization",),
         frozenset({"objective.unobserved_per_row"}), check=_plain_id_towers),
@@ -81,9 +92,8 @@ def check_objective(config) -> None:
     entry = OBJECTIVES[kind]
     if entry.check is not None:
         entry.check(config)
-    sections = {"objective": config.objective, "negatives": config.sampling.negatives}
-    unused = [key for key, (section, field) in SWITCHES.items()
-              if key not in entry.switches and getattr(sections[section], field)]
+    unused = [key for key, used in SWITCHES.items()
+              if key not in entry.switches and used(config)]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used by objective.kind={kind}")
 

@@ -24,6 +24,7 @@ from trainer.batches import TrainingBatches
 from trainer.config import RunConfig, dump_config
 from trainer.data import Tables, load_tables
 from trainer.evaluation import EvalSet, embedding_scores, evaluate, popularity_scores
+from trainer.frequency import StreamingFrequency
 from trainer.model import TwoTowerModel
 from trainer.objective_registry import OBJECTIVES
 from trainer.objectives import make_objective
@@ -124,9 +125,12 @@ def build_model(config: RunConfig, prepared: PreparedData) -> TwoTowerModel:
                       name="candidate_tower")
     query.adapt(train_users, "users")
     candidate.adapt(train_items, "items")
-    model = TwoTowerModel(query, candidate, make_objective(config.objective),
-                          OBJECTIVES[config.objective.kind].batch,
-                          prepared.negatives.num_mined)
+    objective = config.objective
+    frequency = (StreamingFrequency(**objective.streaming.model_dump(), name="item_frequency")
+                 if objective.logq == "streaming" else None)
+    model = TwoTowerModel(query, candidate, make_objective(objective),
+                          OBJECTIVES[objective.kind].batch, prepared.negatives.num_mined,
+                          frequency)
     optimizer = {
         "adam": tf.keras.optimizers.Adam,
         "adagrad": tf.keras.optimizers.Adagrad,

@@ -4,18 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import GenericData, MovieLens100K, MovieLensLatest, SyntheticData
-from trainer.data import movielens, synthetic
+from trainer.data import drifting, movielens, synthetic
 from trainer.data.readers import read_table
 from trainer.data.tables import Tables, canonical_interactions, ensure_entity_table
+from trainer.data.windows import cut_window
 
 
 def load_tables(data) -> Tables:
     """Load the configured data set; user/item tables cover every id seen."""
     if isinstance(data, SyntheticData):
-        tables = synthetic.generate(
-            num_users=data.num_users, num_items=data.num_items,
-            exposures_per_user=data.exposures_per_user, latent_dim=data.latent_dim,
-            days=data.days, seed=data.seed)
+        world = dict(num_users=data.num_users, num_items=data.num_items,
+                     exposures_per_user=data.exposures_per_user, latent_dim=data.latent_dim,
+                     days=data.days, seed=data.seed)
+        tables = (synthetic.generate(**world) if data.drift is None
+                  else drifting.generate_drifting(**world, **data.drift.model_dump()))
     elif isinstance(data, MovieLens100K):
         tables = movielens.load_ml100k(data.path)
     elif isinstance(data, MovieLensLatest):
@@ -24,6 +26,7 @@ def load_tables(data) -> Tables:
         tables = _load_generic(data)
     else:  # pragma: no cover - pydantic's discriminator rules this out
         raise TypeError(f"unknown data config {type(data).__name__}")
+    tables = cut_window(tables, data.since, data.until)
     tables.users = ensure_entity_table(tables.users, "user_id",
                                        tables.interactions["user_id"].to_numpy())
     tables.items = ensure_entity_table(tables.items, "item_id",

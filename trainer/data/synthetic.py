@@ -14,7 +14,8 @@ model can learn from:
   popularity); exposures not clicked are kept with clicked = 0;
 - a ranking log: items an earlier stage scored for the user but filtered out
   (high affinity, never shown) - hard-negative material.
-Timestamps spread over ``days`` days.
+Timestamps spread over ``days`` days. The multi-day world whose tastes,
+users and items change from day to day is ``trainer.data.drifting``.
 """
 from __future__ import annotations
 
@@ -37,39 +38,10 @@ def generate(num_users: int = 3000, num_items: int = 1500, exposures_per_user: i
              popularity_click_weight: float = 0.2) -> Tables:
     """Return canonical Tables; identical for identical arguments."""
     rng = np.random.default_rng(seed)
-    n_genres = len(GENRES)
-    centres = rng.normal(size=(n_genres, latent_dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = genre_centres(rng, latent_dim)
+    items, item_vec, popularity = make_items(rng, centres, num_items)
 
-    items, item_vec, popularity = _make_items(rng, centres, num_items)
-
-    # ---- users
-    g1 = rng.integers(0, n_genres, size=num_users)
-    g2 = rng.integers(0, n_genres, size=num_users)
-    mix = rng.uniform(0.5, 1.0, size=(num_users, 1))
-    user_vec = mix * centres[g1] + (1 - mix) * centres[g2] \
-        + 0.35 * rng.normal(size=(num_users, latent_dim))
-    user_vec /= np.linalg.norm(user_vec, axis=1, keepdims=True)
-    age_dir = rng.normal(size=latent_dim)
-    age = np.clip(35 + 12 * user_vec @ age_dir + 6 * rng.normal(size=num_users), 13, 90)
-    country_of_genre = rng.integers(0, len(COUNTRIES), size=n_genres)
-    country = np.where(rng.random(num_users) < 0.5, country_of_genre[g1],
-                       rng.integers(0, len(COUNTRIES), size=num_users))
-    fav = []
-    for u in range(num_users):
-        f = {GENRES[g1[u]]} if rng.random() < 0.8 else set()
-        if rng.random() < 0.5:
-            f.add(GENRES[g2[u]])
-        if rng.random() < 0.2:
-            f.add(GENRES[rng.integers(0, n_genres)])
-        fav.append("|".join(sorted(f)))
-    users = pd.DataFrame({
-        "user_id": [f"u{u}" for u in range(num_users)],
-        "age": age.astype(np.float32),
-        "country": [COUNTRIES[c] for c in country],
-        "favorite_genres": fav,
-        "device": [DEVICES[d] for d in rng.integers(0, len(DEVICES), size=num_users)],
-    })
+    users, user_vec = make_users(rng, centres, num_users)
 
     # ---- exposures and clicks
     affinity = user_vec @ item_vec.T  # [users, items], cosine in [-1, 1]
@@ -120,7 +92,46 @@ def generate(num_users: int = 3000, num_items: int = 1500, exposures_per_user: i
     return Tables(interactions, users, items, ranking_log=ranking_log, name="synthetic")
 
 
-def _make_items(rng: np.random.Generator, centres: np.ndarray, num_items: int,
+def genre_centres(rng: np.random.Generator, latent_dim: int) -> np.ndarray:
+    """Unit vectors [len(GENRES), latent_dim]: the first draws of every world."""
+    centres = rng.normal(size=(len(GENRES), latent_dim))
+    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
+
+
+def make_users(rng: np.random.Generator, centres: np.ndarray,
+               num_users: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Users around one or two genre centres: (feature table, unit taste vectors)."""
+    n_genres, latent_dim = centres.shape
+    g1 = rng.integers(0, n_genres, size=num_users)
+    g2 = rng.integers(0, n_genres, size=num_users)
+    mix = rng.uniform(0.5, 1.0, size=(num_users, 1))
+    user_vec = mix * centres[g1] + (1 - mix) * centres[g2] \
+        + 0.35 * rng.normal(size=(num_users, latent_dim))
+    user_vec /= np.linalg.norm(user_vec, axis=1, keepdims=True)
+    age_dir = rng.normal(size=latent_dim)
+    age = np.clip(35 + 12 * user_vec @ age_dir + 6 * rng.normal(size=num_users), 13, 90)
+    country_of_genre = rng.integers(0, len(COUNTRIES), size=n_genres)
+    country = np.where(rng.random(num_users) < 0.5, country_of_genre[g1],
+                       rng.integers(0, len(COUNTRIES), size=num_users))
+    fav = []
+    for u in range(num_users):
+        f = {GENRES[g1[u]]} if rng.random() < 0.8 else set()
+        if rng.random() < 0.5:
+            f.add(GENRES[g2[u]])
+        if rng.random() < 0.2:
+            f.add(GENRES[rng.integers(0, n_genres)])
+        fav.append("|".join(sorted(f)))
+    users = pd.DataFrame({
+        "user_id": [f"u{u}" for u in range(num_users)],
+        "age": age.astype(np.float32),
+        "country": [COUNTRIES[c] for c in country],
+        "favorite_genres": fav,
+        "device": [DEVICES[d] for d in rng.integers(0, len(DEVICES), size=num_users)],
+    })
+    return users, user_vec
+
+
+def make_items(rng: np.random.Generator, centres: np.ndarray, num_items: int,
                 id_prefix: str = "i") -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Items around genre centres: (feature table, latent vectors, popularity)."""
     n_genres, latent_dim = centres.shape
@@ -161,9 +172,7 @@ def generate_catalog(num_items: int, seed: int = 0, latent_dim: int = 8,
     Same genre centres, fresh items (ids ``{id_prefix}{i}``): used to benchmark
     export and serving at 100K-1M items with features the towers understand.
     """
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(len(GENRES), latent_dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    items, _, _ = _make_items(np.random.default_rng([seed, num_items]), centres, num_items,
-                              id_prefix)
+    centres = genre_centres(np.random.default_rng(seed), latent_dim)
+    items, _, _ = make_items(np.random.default_rng([seed, num_items]), centres, num_items,
+                             id_prefix)
     return items
