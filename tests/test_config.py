@@ -52,7 +52,10 @@ IDS_ONLY = {"features": {"user": [{"name": "user_id", "type": "categorical"}],
     ("evaluation", {"ks": []}, "evaluation.ks: List should have at least 1 item"),
     ("evaluation", {"ks": [0, 10]}, "every K must be >= 1"),
     ("training", {"early_stopping_patience": 2},
-     "early_stopping_patience needs training.validation_fraction > 0"),
+     "early_stopping_patience needs a validation split"),
+    ("training", {"validation_days": 2.0},
+     "training.validation_days applies to the temporal protocol; under random use "
+     "training.validation_fraction"),
     ("training", {"validation_fraction": 0.1, "early_stopping_metric": "val_loss"},
      "early_stopping_metric must be val_hr@K"),
     ("objective", {"kind": "listwise", "num_hard_negatives": 5},
@@ -66,3 +69,15 @@ def test_options_that_would_be_ignored_are_errors(section, values, message):
     from trainer.config import parse_config
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({**IDS_ONLY, section: values})
+
+
+def test_temporal_validation_is_counted_in_days():
+    from trainer.config import parse_config
+    with pytest.raises(ConfigError, match=re.escape(
+            "training.validation_fraction applies to the random protocols; under the "
+            "temporal protocol use training.validation_days")):
+        parse_config({**IDS_ONLY, "evaluation": {"protocol": "temporal"},
+                      "training": {"validation_fraction": 0.1}})
+    config = parse_config({**IDS_ONLY, "evaluation": {"protocol": "temporal"},
+                           "training": {"validation_days": 1.5, "early_stopping_patience": 1}})
+    assert config.training.validation_days == 1.5

@@ -93,7 +93,7 @@ def test_study_resumes_after_sigkill_and_writes_a_loadable_best_config(tmp_path)
                              "--output", str(study_dir), "--quiet"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while not (study_dir / "trials" / "001.staging").exists():  # the second trial has started
+    while not (study_dir / "trials" / "001").exists():  # the second trial has started
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the second trial never started"
         time.sleep(0.1)
@@ -121,4 +121,12 @@ def test_study_resumes_after_sigkill_and_writes_a_loadable_best_config(tmp_path)
     assert loaded.tuning is None
     for png in ("optimization_history.png", "param_importances.png"):
         assert (study_dir / png).stat().st_size > 1000
-    assert "validation" in (study_dir / "summary.md").read_text()
+    summary = (study_dir / "summary.md").read_text()
+    assert "chosen on the **validation** split" in summary
+    assert "scored once on the **test** split" in summary
+    # the winner retrained as a full run: its test figures are the ones reported
+    run = json.loads((study_dir / "best_run" / "metrics.json").read_text())
+    assert best["test"] == run["model"]
+    assert (study_dir / "best_run" / "towers" / "query" / "saved_model.pb").is_file()
+    # trials never score the test split: only their per-epoch logs stay
+    assert sorted(p.name for p in (study_dir / "trials" / "000").iterdir()) == ["history.csv"]

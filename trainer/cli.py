@@ -62,8 +62,12 @@ def main(argv=None) -> int:
     ks = sorted(config.evaluation.ks)
     print(f"\n{m['dataset']} ({m['protocol']}): trained {m['epochs_run']} epochs "
           f"in {m['train_seconds']:.1f} s")
-    for name, key in (("two-tower", "model"), ("most popular", "popularity")):
-        print(f"  {name:13s} " + "  ".join(f"HR@{k}={m[key][f'hr@{k}']:.3f}" for k in ks))
+    from trainer.report import reference_rows
+
+    for name, result in reference_rows(m).items():
+        print(f"  {name:16s} " + "  ".join(f"HR@{k}={result[f'hr@{k}']:.3f}" for k in ks))
+    if "skipped" in m.get("ease", {}):
+        print(f"  ({m['ease']['skipped']})")
     print(f"artifacts: {run.output_dir} (report.md, training.png, metrics.json, towers/)")
     return 0
 

@@ -362,7 +362,14 @@ class TrainingConfig(_Strict):
     seed: int = 42
     early_stopping_patience: int = Field(0, ge=0, description="0 = off")
     early_stopping_metric: str = "val_hr@100"
-    validation_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    # The validation split is cut from the training part by the test split's rule:
+    # random protocols take a seeded share of the training clicks, the temporal
+    # protocol the last days before the test days. Early stopping, tuning and
+    # EASE's L2 are chosen on it; the test split is scored once, at the end.
+    validation_fraction: float = Field(0.0, ge=0.0, lt=0.5, description=(
+        "random protocols: share of the training clicks held out for validation"))
+    validation_days: float = Field(0.0, ge=0.0, description=(
+        "temporal protocol: the last days of the training part held out for validation"))
 
     @field_validator("early_stopping_metric")
     @classmethod
@@ -393,6 +400,12 @@ class EvaluationConfig(_Strict):
     train_fraction: float = Field(0.8, gt=0.0, lt=1.0)
     test_days: float = Field(1.0, gt=0.0)
     ks: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1)
+    # EASE (trainer.ease) beside most-popular in every report: L2 chosen on the
+    # validation split (a default cut of the training part when none is set).
+    ease: bool = True
+    ease_max_items: int = Field(20_000, gt=0, description="catalogs above it skip EASE")
+    ease_l2: list[float] = Field(default_factory=lambda: [50.0, 150.0, 500.0, 1500.0, 5000.0],
+                                 min_length=1)
 
     @field_validator("ks")
     @classmethod
@@ -421,9 +434,19 @@ class RunConfig(_Strict):
                              "output_dim and members (their dot product is the score)")
         check_objective(self)
         tc = self.training
-        if tc.early_stopping_patience and not tc.validation_fraction:
-            raise ValueError("training.early_stopping_patience needs "
-                             "training.validation_fraction > 0 (it watches validation HR@K)")
+        temporal = self.evaluation.protocol == "temporal"
+        if temporal and tc.validation_fraction:
+            raise ValueError("training.validation_fraction applies to the random protocols; "
+                             "under the temporal protocol use training.validation_days (the "
+                             "last days before the test days)")
+        if not temporal and tc.validation_days:
+            raise ValueError("training.validation_days applies to the temporal protocol; "
+                             f"under {self.evaluation.protocol} use "
+                             "training.validation_fraction")
+        if tc.early_stopping_patience and not (tc.validation_fraction or tc.validation_days):
+            raise ValueError("training.early_stopping_patience needs a validation split "
+                             "(training.validation_fraction > 0, or training.validation_days "
+                             "> 0 under the temporal protocol): it watches validation HR@K")
         return self
 
 

@@ -80,12 +80,28 @@ def split_data(config: RunConfig, tables: Tables) -> Splits:
     # The test set is scored against the whole train split: validation clicks
     # are the user's known items too (excluded from the ranking, seen.parquet).
     known, val_pos = train_pos, None
-    if tc.validation_fraction > 0:
-        idx = np.random.default_rng(tc.seed).permutation(len(train_pos))
-        cut = int(len(train_pos) * (1 - tc.validation_fraction))
-        train_pos, val_pos = train_pos.iloc[idx[:cut]], train_pos.iloc[idx[cut:]]
+    if tc.validation_fraction or tc.validation_days:
+        train_pos, val_pos = validation_cut(config, train_pos, tc.validation_fraction,
+                                            tc.validation_days)
     return Splits(train_pos, val_pos, test_rows[test_rows["clicked"] == 1], known,
                   train_rows[train_rows["clicked"] == 0])
+
+
+def validation_cut(config: RunConfig, train_pos: pd.DataFrame, fraction: float,
+                   days: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(fit clicks, validation clicks) cut from the training clicks by the rule
+    of the test split: random protocols hold out a ``fraction`` drawn with
+    ``training.seed``; the temporal protocol the last ``days`` days of the
+    training part (the days just before the test days)."""
+    if config.evaluation.protocol == "temporal":
+        try:
+            return split_interactions(train_pos, "temporal", test_days=days)
+        except ValueError:
+            raise ValueError(f"training.validation_days={days} leaves no training or no "
+                             "validation clicks before the test days") from None
+    idx = np.random.default_rng(config.training.seed).permutation(len(train_pos))
+    cut = int(len(train_pos) * (1 - fraction))
+    return train_pos.iloc[idx[:cut]], train_pos.iloc[idx[cut:]]
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,16 @@ class PreparedData:
 
     def test_set(self) -> EvalSet:
         return self.encoded.eval_set(self.splits.known, self.splits.test)
+
+    def reference_validation_set(self, config: RunConfig) -> EvalSet:
+        """The validation split reference models choose their settings on: the
+        run's own, or (when the run has none) a default cut of the training
+        clicks by the same rule (10 %, or the last ``test_days`` days)."""
+        if self.splits.validation is not None:
+            return self.validation_set()
+        fit, val = validation_cut(config, self.splits.known, 0.1,
+                                  config.evaluation.test_days)
+        return self.encoded.eval_set(fit, val)
 
 
 def prepare_data(config: RunConfig, tables: Tables) -> PreparedData:

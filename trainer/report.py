@@ -20,6 +20,34 @@ def metrics_table(rows: dict[str, dict], ks) -> str:
     return "\n".join(lines)
 
 
+def reference_rows(metrics: dict) -> dict[str, dict]:
+    """Named test-split results of a run: the towers, EASE (when fitted), most popular."""
+    rows = {"two-tower": metrics["model"]}
+    ease = metrics.get("ease", {})
+    if "l2" in ease:
+        rows[f"EASE (L2={ease['l2']:g})"] = ease
+    rows["most popular"] = metrics["popularity"]
+    return rows
+
+
+def _split_notes(metrics: dict) -> list[str]:
+    """Where each number of the report comes from."""
+    notes = ["Every row of the table is scored on the **test** split, once, after "
+             "training."]
+    ease = metrics.get("ease", {})
+    if "l2" in ease:
+        tried = ", ".join(f"{l2}: {hr:.3f}" for l2, hr in ease["validation"].items())
+        notes.append(f"EASE's L2 was chosen on the **validation** split "
+                     f"({ease['selection_metric']} per L2: {tried}); {ease['seconds']:.1f} s.")
+    elif "skipped" in ease:
+        notes.append(ease["skipped"] + ".")
+    val = metrics.get("validation") or {}
+    if val:
+        notes.append("Last epoch on the **validation** split (early stopping and tuning "
+                     "choose on it): " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()) + ".")
+    return notes
+
+
 def write_report(out: Path, config, metrics: dict, history: dict) -> None:
     ks = sorted(config.evaluation.ks)
     plot_training(history, metrics, ks, out / "training.png")
@@ -34,8 +62,9 @@ def write_report(out: Path, config, metrics: dict, history: dict) -> None:
         f"- test: {metrics['model']['test_pairs']} pairs from "
         f"{metrics['model']['test_users']} users, catalog {metrics['model']['catalog_size']}",
         "",
-        metrics_table({"two-tower": metrics["model"], "most popular": metrics["popularity"]},
-                      ks),
+        metrics_table(reference_rows(metrics), ks),
+        "",
+        *_split_notes(metrics),
         "",
         "HR@K: share of test pairs whose item is in the user's top K (train items "
         "excluded). Recall/NDCG: per user, averaged. Coverage: share of the catalog "
@@ -63,11 +92,12 @@ def plot_training(history: dict, metrics: dict, ks, path: Path) -> None:
         twin.legend(loc="center right")
     axes[0].set_title("training")
     axes[0].legend(loc="upper right")
-    width = 0.38
+    rows = reference_rows(metrics)
+    width = 0.8 / len(rows)
     xs = range(len(ks))
-    for off, (name, key) in zip((-width / 2, width / 2),
-                                (("two-tower", "model"), ("most popular", "popularity"))):
-        axes[1].bar([x + off for x in xs], [metrics[key][f"hr@{k}"] for k in ks], width,
+    for n, (name, result) in enumerate(rows.items()):
+        off = (n - (len(rows) - 1) / 2) * width
+        axes[1].bar([x + off for x in xs], [result[f"hr@{k}"] for k in ks], width,
                     label=name)
     axes[1].set_xticks(list(xs), [f"HR@{k}" for k in ks])
     axes[1].set_ylim(0, 1)

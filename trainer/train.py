@@ -23,6 +23,7 @@ from trainer import run_dir
 from trainer.batches import TrainingBatches
 from trainer.config import RunConfig, dump_config
 from trainer.data import Tables, load_tables
+from trainer.ease import fit_ease
 from trainer.evaluation import EvalSet, embedding_scores, evaluate, popularity_scores
 from trainer.frequency import StreamingFrequency
 from trainer.model import TwoTowerModel
@@ -204,8 +205,26 @@ def evaluate_model(model: TwoTowerModel, prepared: PreparedData,
                       evaluate(popularity_scores(test), test, ks))
 
 
+def ease_reference(config: RunConfig, prepared: PreparedData) -> dict:
+    """EASE on the test split, its L2 chosen on the validation split
+    (trainer.ease); {"skipped": why} above ``evaluation.ease_max_items``."""
+    ev = config.evaluation
+    test = prepared.test_set()
+    k = max(ev.ks)
+    fitted = fit_ease(test, len(prepared.encoded.user_index),
+                      prepared.reference_validation_set(config), ev.ease_l2, k,
+                      ev.ease_max_items)
+    if fitted.skipped:
+        log.info("%s", fitted.skipped)
+        return {"skipped": fitted.skipped}
+    return {**evaluate(fitted.score_fn, test, ev.ks), "l2": fitted.l2,
+            "validation": {f"{l2:g}": hr for l2, hr in fitted.validation.items()},
+            "selection_metric": f"validation {fitted.selection_metric}",
+            "seconds": fitted.seconds}
+
+
 def run_metrics(config: RunConfig, prepared: PreparedData, fitted: FitResult,
-                evaluation: Evaluation) -> dict:
+                evaluation: Evaluation, ease: Optional[dict] = None) -> dict:
     """metrics.json of a run (docs/ARTIFACTS.md)."""
     return {
         "dataset": prepared.tables.name,
@@ -215,6 +234,9 @@ def run_metrics(config: RunConfig, prepared: PreparedData, fitted: FitResult,
         "epochs_run": len(fitted.history.get("loss", [])),
         "model": evaluation.model,
         "popularity": evaluation.popularity,
+        **({} if ease is None else {"ease": ease}),
+        "validation": ({} if prepared.splits.validation is None else
+                       {k: v[-1] for k, v in fitted.history.items() if k.startswith("val_")}),
     }
 
 
@@ -231,7 +253,8 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     model = build_model(config, prepared)
     fitted = fit(model, prepared, config, staging, verbose, extra_callbacks)
     metrics = run_metrics(config, prepared, fitted,
-                          evaluate_model(model, prepared, config.evaluation.ks))
+                          evaluate_model(model, prepared, config.evaluation.ks),
+                          ease_reference(config, prepared) if config.evaluation.ease else None)
     save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
                        metrics, fitted.history)
     run_dir.commit(out)

@@ -4,9 +4,11 @@ Each trial trains one config drawn by Optuna's TPE sampler from the
 ``tuning.space`` of the config (trainer/tuning_space.py) and reports its
 per-epoch validation HR@K; Optuna's MedianPruner stops a trial whose
 validation curve falls below the median of earlier trials at the same epoch.
-Only the validation split (carved from the training part, never the test
-split) guides the search. The test split is scored once, at the end, for the
-best trial alone.
+Only the validation split (carved from the training part by the test
+split's rule, never the test split) guides the search: trials prepare, build
+and fit (trainer.train's steps) without ever scoring the test split. At the
+end the best trial is retrained as a full run (``best_run/``) and scored on
+the test split once.
 
 The study lives in ``STUDY/study.db`` (SQLite): a killed tuner started again
 with the same arguments resumes it; the trial it was running is marked failed
@@ -16,8 +18,9 @@ lock file), one trial at a time (2 cores).
 Writes into STUDY/: ``best.yaml`` (a config ``python -m trainer --config``
 takes), ``best.json`` (parameters, validation and test figures),
 ``summary.md``, ``trials.csv``, ``optimization_history.png``,
-``param_importances.png``, and ``trials/NNN/`` (each trial's run directory;
-the best one's towers can be exported as they are).
+``param_importances.png``, ``best_run/`` (the best trial as a full run
+directory: ``python -m export --run STUDY/best_run`` serves it) and
+``trials/NNN/history.csv`` (each trial's per-epoch logs).
 """
 from __future__ import annotations
 
@@ -82,9 +85,10 @@ def _study_lock(study_dir: Path):
 def trial_config(raw: dict, space: dict, params: dict, metric: str):
     """The validated RunConfig of one trial: base config + sampled params.
 
-    A validation split is always there (``training.validation_fraction``,
-    default 0.1 when the base config has none), and the tuning metric is
-    logged every epoch.
+    A validation split is always there (when the base config has none: 10 %
+    of the training clicks, or under the temporal protocol the last
+    ``test_days`` days before the test days), and the tuning metric is logged
+    every epoch.
     """
     from trainer.config import parse_config
     from trainer.tuning_space import apply_params
@@ -92,8 +96,11 @@ def trial_config(raw: dict, space: dict, params: dict, metric: str):
     out = apply_params(raw, space, params)
     out["tuning"] = None
     training = out["training"]
-    if not training.get("validation_fraction"):
-        training["validation_fraction"] = DEFAULT_VALIDATION_FRACTION
+    if not (training.get("validation_fraction") or training.get("validation_days")):
+        if out["evaluation"]["protocol"] == "temporal":
+            training["validation_days"] = out["evaluation"]["test_days"]
+        else:
+            training["validation_fraction"] = DEFAULT_VALIDATION_FRACTION
     training["early_stopping_metric"] = metric
     return parse_config(out, "tuning trial")
 
@@ -120,6 +127,30 @@ def _final_value(history: dict, config, metric: str) -> float:
     return max(values) if config.training.early_stopping_patience else values[-1]
 
 
+def _fit_trial(config, tables, out: Path, prune, metric: str) -> float:
+    """Prepare, build and fit one trial (the test split is never scored here);
+    its validation metric. Only ``history.csv`` stays in ``out``."""
+    import shutil
+
+    import tensorflow as tf
+
+    from trainer.prepare import prepare_data
+    from trainer.train import build_model, fit
+
+    tf.keras.backend.clear_session()
+    tf.keras.utils.set_random_seed(config.training.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        prepared = prepare_data(config, tables)
+        fitted = fit(build_model(config, prepared), prepared, config, out, verbose=0,
+                     extra_callbacks=[prune])
+    finally:
+        for part in out.iterdir():
+            if part.name != "history.csv":
+                shutil.rmtree(part) if part.is_dir() else part.unlink()
+    return _final_value(fitted.history, config, metric)
+
+
 def _retry_interrupted(study, storage) -> int:
     """Trials left RUNNING by a killed tuner (we hold the study lock, so none
     runs now): mark them failed and queue their parameters again."""
@@ -143,9 +174,8 @@ def run_study(config, study_dir: str | Path, trials: Optional[int] = None,
     import optuna
     from tqdm import tqdm
 
-    from trainer.data import load_tables
-    from trainer.train import train
     from trainer.config import ConfigError
+    from trainer.data import load_tables
     from trainer.tuning_space import TuningConfig, check_paths, default_space
 
     tuning = config.tuning or TuningConfig()
@@ -171,9 +201,8 @@ def run_study(config, study_dir: str | Path, trials: Optional[int] = None,
         def objective(trial) -> float:
             trial_cfg = trial_config(raw, space, _suggest(trial, space), tuning.metric)
             trial.set_user_attr(_CONFIG_ATTR, trial_cfg.model_dump(mode="json"))
-            run = train(trial_cfg, study_dir / "trials" / f"{trial.number:03d}", tables,
-                        verbose=0, extra_callbacks=[_prune_callback(trial, tuning.metric)])
-            return _final_value(run.history, trial_cfg, tuning.metric)
+            return _fit_trial(trial_cfg, tables, study_dir / "trials" / f"{trial.number:03d}",
+                              _prune_callback(trial, tuning.metric), tuning.metric)
 
         bar = tqdm(total=budget, initial=min(done, budget), desc=f"tuning {config.name}",
                    unit="trial", disable=not progress)
@@ -195,25 +224,32 @@ def run_study(config, study_dir: str | Path, trials: Optional[int] = None,
                                       on_trial_end],
                            catch=(ConfigError,), gc_after_trial=True)
         bar.close()
-        return _write_results(study, study_dir, tuning.metric)
+        return _write_results(study, study_dir, tuning.metric, tables)
 
 
-def _write_results(study, study_dir: Path, metric: str) -> StudyResult:
+def _write_results(study, study_dir: Path, metric: str, tables) -> StudyResult:
+    """The best trial retrained as a full run (``best_run/``, exportable) and
+    scored once on the test split; best.yaml / best.json / summary / plots."""
     import optuna
 
     from trainer.config import dump_config, parse_config
+    from trainer.train import train
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(f"{study_dir}: no trial of the study has completed yet")
     best = study.best_trial
     best_config = parse_config(best.user_attrs[_CONFIG_ATTR], f"trial {best.number}")
+    text = dump_config(best_config)
     (study_dir / "best.yaml").write_text(
         f"# best of {len(complete)} completed trials (study {study.study_name}): "
-        f"{metric} = {best.value:.4f} on the validation split\n" + dump_config(best_config),
-        encoding="utf-8")
-    run_metrics = json.loads((study_dir / "trials" / f"{best.number:03d}" / "metrics.json")
-                             .read_text(encoding="utf-8"))
+        f"{metric} = {best.value:.4f} on the validation split\n" + text, encoding="utf-8")
+    best_run = study_dir / "best_run"
+    done = best_run / "metrics.json"
+    if not (done.is_file() and (best_run / "config.yaml").read_text(encoding="utf-8") == text):
+        log.warning("retraining the best trial (%d) as a full run in %s", best.number, best_run)
+        train(best_config, best_run, tables, verbose=0)
+    run_metrics = json.loads(done.read_text(encoding="utf-8"))
     result = StudyResult(best.number, dict(best.params), float(best.value),
                          run_metrics["model"], study_dir / "best.yaml",
                          len(study.get_trials(deepcopy=False)))
@@ -221,11 +257,17 @@ def _write_results(study, study_dir: Path, metric: str) -> StudyResult:
         "trial": best.number, "params": best.params,
         "validation": {metric: best.value},
         "test": run_metrics["model"], "test_popularity": run_metrics["popularity"],
+        "test_ease": run_metrics.get("ease"), "run": str(best_run),
     }, indent=2), encoding="utf-8")
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
     frame.to_csv(study_dir / "trials.csv", index=False)
     notes = _plots(study, study_dir)
     ks = sorted(int(k.split("@")[1]) for k in run_metrics["model"] if k.startswith("hr@"))
+
+    def hrs(m: dict) -> str:
+        return ", ".join(f"HR@{k} {m[f'hr@{k}']:.3f}" for k in ks)
+
+    ease = run_metrics.get("ease", {})
     lines = [f"# Study `{study.study_name}`", "",
              f"- trials: {len(complete)} completed, "
              f"{sum(t.state.name == 'PRUNED' for t in study.trials)} pruned, "
@@ -233,10 +275,9 @@ def _write_results(study, study_dir: Path, metric: str) -> StudyResult:
              f"- chosen on the **validation** split: trial {best.number}, "
              f"{metric} = {best.value:.4f}",
              "- parameters: " + ", ".join(f"`{k}` = {v}" for k, v in best.params.items()),
-             "- its **test** split figures (scored once, after the search): " +
-             ", ".join(f"HR@{k} {run_metrics['model'][f'hr@{k}']:.3f}" for k in ks) +
-             " (most popular: " +
-             ", ".join(f"HR@{k} {run_metrics['popularity'][f'hr@{k}']:.3f}" for k in ks) + ")",
+             f"- retrained as `best_run/` and scored once on the **test** split: "
+             f"{hrs(run_metrics['model'])} (most popular: {hrs(run_metrics['popularity'])}"
+             + (f"; EASE: {hrs(ease)}" if "l2" in ease else "") + ")",
              "", "![history](optimization_history.png)", "",
              "![importances](param_importances.png)" if not notes else notes, ""]
     (study_dir / "summary.md").write_text("\n".join(lines), encoding="utf-8")
