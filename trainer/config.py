@@ -207,7 +207,16 @@ class HistoryFeature(_Strict):
     embedding_dim: int = Field(32, gt=0)
     separator: str = "|"
     max_items: int = Field(200, gt=0)
-    pooling: Literal["mean", "sum"] = "mean"
+    # mean / sum: pooled embeddings; attention / recency: weighted by a learned
+    # attention over items and/or a learned bias per position from the newest
+    # (trainer.history_attention).
+    pooling: Literal["mean", "sum", "attention", "recency"] = "mean"
+    attention_units: int = Field(32, gt=0)
+    # Read the history through the item tower's own item_id embeddings (one
+    # table for both towers: a new click moves the user vector at serving time
+    # through the vector the item is retrieved by). embedding_dim then is the
+    # item_id feature's.
+    share_item_embeddings: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
@@ -235,6 +244,16 @@ class FeaturesConfig(_Strict):
         if "item_id" not in [f.name for f in self.item]:
             raise ValueError("features.item must include the 'item_id' feature "
                              "(retrieval returns item ids)")
+        shared = [f for f in self.user if f.type == "history" and f.share_item_embeddings]
+        item_id = next(f for f in self.item if f.name == "item_id")
+        if shared and (item_id.type != "categorical" or item_id.vocabulary != "adapt"):
+            raise ValueError("features.user history.share_item_embeddings needs the item_id "
+                             "feature to be categorical with vocabulary: adapt")
+        if shared and "embedding_dim" in shared[0].model_fields_set \
+                and shared[0].embedding_dim != item_id.embedding_dim:
+            raise ValueError(f"features.user history.share_item_embeddings: the history is "
+                             f"embedded by item_id's table (embedding_dim "
+                             f"{item_id.embedding_dim}), not {shared[0].embedding_dim}")
         return self
 
 
@@ -432,6 +451,10 @@ class RunConfig(_Strict):
         if q.members * q.output_dim != c.members * c.output_dim or q.members != c.members:
             raise ValueError("model.query_tower and model.candidate_tower need the same "
                              "output_dim and members (their dot product is the score)")
+        if q.members > 1 and any(f.type == "history" and f.share_item_embeddings
+                                 for f in self.features.user):
+            raise ValueError("features.user history.share_item_embeddings needs members: 1 "
+                             "(ensemble members have tables of their own)")
         check_objective(self)
         tc = self.training
         temporal = self.evaluation.protocol == "temporal"

@@ -325,9 +325,26 @@ class TextEncoder(tf.keras.layers.Layer):
                 "terms": list(self.terms or [])}
 
 
-def make_encoder(spec: FeatureConfig) -> tf.keras.layers.Layer:
-    """Build the (un-adapted) encoder a feature spec declares."""
+def make_encoder(spec: FeatureConfig,
+                 item_encoder: Optional[tf.keras.layers.Layer] = None) -> tf.keras.layers.Layer:
+    """Build the (un-adapted) encoder a feature spec declares.
+
+    ``item_encoder``: the candidate tower's item_id encoder, for a history
+    feature that shares its table (``share_item_embeddings``).
+    """
     name = f"{spec.name}_encoder"
+    if isinstance(spec, HistoryFeature) and (spec.share_item_embeddings or
+                                             spec.pooling in ("attention", "recency")):
+        from trainer.history_attention import HistoryEncoder
+
+        if spec.share_item_embeddings and item_encoder is None:
+            raise ValueError(f"feature '{spec.name}' shares the item tower's embeddings: "
+                             "build the query tower with the candidate tower's item_id "
+                             "encoder")
+        items = (item_encoder if spec.share_item_embeddings else
+                 CategoricalEncoder(spec.embedding_dim, "adapt", 1, name=f"{name}_items"))
+        return HistoryEncoder(items, spec.separator, spec.max_items, spec.pooling,
+                              spec.attention_units, spec.share_item_embeddings, name=name)
     if isinstance(spec, CategoricalFeature):
         return CategoricalEncoder(spec.embedding_dim, spec.vocabulary, spec.num_oov_buckets,
                                   spec.max_tokens, spec.hash_bins, name=name)

@@ -71,3 +71,74 @@ class AttentiveHistoryPooling(tf.keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "max_items": self.max_items,
                 "pooling": self.pooling, "attention_units": self.attention_units}
+
+
+@tf.keras.utils.register_keras_serializable(package="trainer")
+class HistoryEncoder(tf.keras.layers.Layer):
+    """"i7|i3|i9" string [batch] -> item-id embeddings -> pooled [batch, d].
+
+    ``items``: the layer that embeds one item id ([n] strings -> [n, d]). With
+    ``shared=True`` it is the candidate tower's own ``item_id`` encoder (given
+    by the tower that builds this one; its vocabulary and table are the item
+    tower's), else an encoder of this feature's own, adapted on the history
+    tokens. ``pooling``: ``mean`` | ``sum`` | ``attention`` | ``recency``
+    (AttentiveHistoryPooling). An empty history pools to zeros.
+    """
+
+    def __init__(self, items: tf.keras.layers.Layer, separator: str = "|",
+                 max_items: int = 200, pooling: str = "attention",
+                 attention_units: int = 32, shared: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if pooling not in ("mean", "sum", "attention", "recency"):
+            raise ValueError(f"history pooling must be mean, sum, attention or recency, "
+                             f"got {pooling!r}")
+        self.items = items
+        self.separator = separator
+        self.max_items = max_items
+        self.pooling = pooling
+        self.attention_units = attention_units
+        self.shared = shared
+        self.pool = (AttentiveHistoryPooling(max_items, pooling, attention_units,
+                                             name="pool")
+                     if pooling in ("attention", "recency") else None)
+
+    def _tokens(self, values) -> list[str]:
+        return [t for v in values for t in str(v).split(self.separator) if t]
+
+    def adapt(self, values) -> None:
+        """Own table: learn the history tokens. Shared: the item tower adapts it."""
+        if not self.shared:
+            self.items.adapt(self._tokens(values))
+
+    def grow_vocabulary(self, values) -> list[str]:
+        """Own table: append new tokens (the shared one grows with the item tower)."""
+        return [] if self.shared else self.items.grow_vocabulary(self._tokens(values))
+
+    def call(self, x):
+        parts = tf.strings.split(x, sep=self.separator)
+        tokens = tf.ragged.boolean_mask(parts, tf.not_equal(parts, ""))
+        vectors = tokens.with_flat_values(self.items(tokens.flat_values))  # [B, None, d]
+        if self.pool is not None:
+            return self.pool(vectors)
+        total = tf.reduce_sum(vectors, axis=1)
+        if self.pooling == "sum":
+            return total
+        count = tf.cast(tokens.row_lengths(), total.dtype)[:, None]
+        return total / tf.maximum(count, 1.0)
+
+    def get_config(self):
+        # The item encoder's config (vocabulary included) is kept even when it is
+        # shared, so a query tower rebuilt on its own gets a copy to restore into.
+        return {**super().get_config(), "items": tf.keras.layers.serialize(self.items),
+                "separator": self.separator, "max_items": self.max_items,
+                "pooling": self.pooling, "attention_units": self.attention_units,
+                "shared": self.shared}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None, items=None):
+        """``items``: the shared item encoder to use instead of a copy."""
+        config = dict(config)
+        serialized = config.pop("items")
+        if items is None:
+            items = tf.keras.layers.deserialize(serialized, custom_objects=custom_objects)
+        return cls(items, **config)

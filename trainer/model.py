@@ -55,8 +55,10 @@ class TwoTowerModel(tfrs.Model):
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> "TwoTowerModel":
         frequency = config.get("frequency")
-        return cls(Tower.from_config(config["query_tower"]),
-                   Tower.from_config(config["candidate_tower"]),
+        candidate = Tower.from_config(config["candidate_tower"])
+        return cls(Tower.from_config(config["query_tower"],
+                                     item_encoder=candidate.encoders.get("item_id")),
+                   candidate,
                    tf.keras.layers.deserialize(config["objective"], custom_objects),
                    config["batch"], config["num_mined"],
                    None if frequency is None else

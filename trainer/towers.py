@@ -27,11 +27,13 @@ class Tower(tf.keras.Model):
 
     ``encoders`` (feature name -> encoder) and ``members`` (ensemble member
     towers) are given by ``from_config``; a new tower makes them from the specs.
+    ``item_encoder``: the candidate tower's item_id encoder, for a history
+    feature of this (query) tower that shares its table.
     """
 
     def __init__(self, specs: Sequence[FeatureConfig], config: TowerConfig,
                  encoders: Optional[dict] = None, members: Optional[list] = None,
-                 **kwargs):
+                 item_encoder: Optional[tf.keras.layers.Layer] = None, **kwargs):
         super().__init__(**kwargs)
         self.specs = list(specs)
         self.tower_config = config
@@ -42,7 +44,8 @@ class Tower(tf.keras.Model):
                 for m in range(config.members)]
             return
         self.members = []
-        self.encoders = encoders or {s.name: make_encoder(s) for s in self.specs}
+        self.encoders = encoders or {s.name: make_encoder(s, item_encoder)
+                                     for s in self.specs}
         self.hidden = [tf.keras.layers.Dense(u, activation="relu") for u in config.hidden_units]
         self.dropout = (tf.keras.layers.Dropout(config.dropout) if config.dropout else None)
         self.projection = tf.keras.layers.Dense(config.output_dim)
@@ -58,9 +61,18 @@ class Tower(tf.keras.Model):
         return config
 
     @classmethod
-    def from_config(cls, config: dict, custom_objects=None) -> "Tower":
-        encoders = {n: tf.keras.layers.deserialize(e, custom_objects=custom_objects)
-                    for n, e in config.get("encoders", {}).items()}
+    def from_config(cls, config: dict, custom_objects=None,
+                    item_encoder: Optional[tf.keras.layers.Layer] = None) -> "Tower":
+        """``item_encoder``: the candidate tower's, for a history encoder that shares
+        it (without one, the encoder rebuilds its own copy from its config)."""
+        from trainer.history_attention import HistoryEncoder
+
+        def encoder(e: dict):
+            if item_encoder is not None and e["config"].get("shared"):
+                return HistoryEncoder.from_config(e["config"], custom_objects, item_encoder)
+            return tf.keras.layers.deserialize(e, custom_objects=custom_objects)
+
+        encoders = {n: encoder(e) for n, e in config.get("encoders", {}).items()}
         return cls([_FEATURE.validate_python(s) for s in config["specs"]],
                    TowerConfig.model_validate(config["config"]),
                    encoders=encoders or None,

@@ -121,9 +121,10 @@ def build_model(config: RunConfig, prepared: PreparedData) -> TwoTowerModel:
     tables, train_pos = prepared.tables, prepared.splits.train_positives
     train_users = tables.users[tables.users["user_id"].isin(train_pos["user_id"])]
     train_items = tables.items[tables.items["item_id"].isin(train_pos["item_id"])]
-    query = Tower(config.features.user, config.model.query_tower, name="query_tower")
     candidate = Tower(config.features.item, config.model.candidate_tower,
                       name="candidate_tower")
+    query = Tower(config.features.user, config.model.query_tower, name="query_tower",
+                  item_encoder=None if candidate.members else candidate.encoders["item_id"])
     query.adapt(train_users, "users")
     candidate.adapt(train_items, "items")
     objective = config.objective
