@@ -75,7 +75,7 @@ class BatchingOptions:
         return size
 
 
-class _Task:
+class Task:
     """One request's rows.  Completion: ``done`` (an Event) for blocking callers,
     or ``future`` resolved on ``loop`` for asyncio callers; ``on_done`` (e.g.
     releasing the servable) runs on the worker before the caller is woken."""
@@ -202,7 +202,7 @@ class BatchScheduler:
         task still queued past it is dropped with RESOURCE_EXHAUSTED, as TF
         Serving's batching session answers it.
         """
-        task = _Task(arrays, size, deadline)
+        task = Task(arrays, size, deadline)
         if not self.submit(key, run_fn, model_name, signature, task):
             return run_fn(arrays)
         task.done.wait()
@@ -210,7 +210,7 @@ class BatchScheduler:
             raise task.error
         return task.result
 
-    def submit(self, key, run_fn, model_name, signature, task: _Task) -> bool:
+    def submit(self, key, run_fn, model_name, signature, task: Task) -> bool:
         """Queues ``task`` without waiting; it completes through :func:`complete`.
 
         False (and nothing queued) when the task is larger than
@@ -313,16 +313,20 @@ class BatchScheduler:
 
     @staticmethod
     def _drop_expired(tasks, now):
-        live, expired = [], []
+        """The tasks still worth running: not past their deadline, and not
+        abandoned (an asyncio caller that was cancelled: client gone)."""
+        live, dropped = [], []
         for t in tasks:
             if t.deadline is not None and now > t.deadline:
                 t.error = resource_exhausted(
                     "Run() timeout exceeded while waiting in batching queue")
-                expired.append(t)
+                dropped.append(t)
+            elif t.future is not None and t.future.done():
+                dropped.append(t)
             else:
                 live.append(t)
-        if expired:
-            complete(expired)
+        if dropped:
+            complete(dropped)
         return live
 
     def _finish(self, tasks, arrays, size, queue) -> None:

@@ -5,6 +5,7 @@ fields; responses are written with the typed fields, as TF Serving's
 ``Tensor::AsProtoField`` does.
 """
 import math
+from typing import Optional
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, types_pb2
@@ -67,9 +68,23 @@ def shape_of(proto: tensor_pb2.TensorProto, alias: str) -> tuple:
     return dims
 
 
-def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: tuple = None) -> np.ndarray:
+def parsing_error(alias: str, detail: str):
+    """INVALID_ARGUMENT with TF Serving's message for a TensorProto that
+    ``Tensor::FromProto`` refuses, followed by what was wrong."""
+    return invalid_argument(f"tensor parsing error: {alias} ({detail})")
+
+
+def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: Optional[tuple] = None) -> np.ndarray:
     """Decodes a request TensorProto (``alias`` only names it in errors;
-    ``shape``: ``shape_of(proto, alias)`` when the caller has it already)."""
+    ``shape``: ``shape_of(proto, alias)`` when the caller has it already).
+
+    The values given must match the shape: ``tensor_content`` of exactly
+    elements x itemsize bytes (TF refuses anything else), or as many typed
+    values as elements -- or exactly one, repeated (TF's fill, which
+    ``tf.make_tensor_proto(value, shape=...)`` writes).  TF would also fill a
+    tensor that gives no value at all, so a 100-byte message could declare
+    gigabytes; that is refused here.
+    """
     entry = _DTYPES.get(proto.dtype)
     if entry is None:
         raise invalid_argument(
@@ -78,28 +93,29 @@ def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: tuple = None) -> 
     if shape is None:
         shape = shape_of(proto, alias)
     count = math.prod(shape)
+    content = proto.tensor_content
+    if content and proto.dtype != types_pb2.DT_STRING:
+        expected = count * np.dtype(np_dtype).itemsize
+        if len(content) != expected:
+            raise parsing_error(
+                alias, f"tensor_content has {len(content)} bytes, shape "
+                f"{list(shape)} of {dtype_name(proto.dtype)} needs {expected}")
+        return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+    values = getattr(proto, field)
+    given = len(values)
+    if given != count and not (given == 1 and count > 1):
+        raise parsing_error(
+            alias, f"{given} values given for shape {list(shape)} of {count} elements; "
+            "give every value, or one to repeat")
     if proto.dtype == types_pb2.DT_STRING:
-        values = list(proto.string_val)   # a list converts 2x faster than the upb container
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = values
-    elif proto.tensor_content:
-        try:
-            arr = np.frombuffer(proto.tensor_content, dtype=np_dtype)
-        except ValueError as exc:
-            raise invalid_argument(f"Input \"{alias}\": bad tensor_content ({exc}).")
+        arr = np.empty(given, dtype=object)
+        arr[:] = list(values)   # a list converts 2x faster than the upb container
     elif proto.dtype == types_pb2.DT_HALF:
-        arr = np.array(proto.half_val, dtype=np.uint16).view(np.float16)
+        arr = np.array(values, dtype=np.uint16).view(np.float16)
     else:
-        arr = np.array(list(getattr(proto, field)), dtype=np_dtype)
-    n = arr.size
-    if n != count:
-        if n == 0:
-            arr = np.full(count, b"" if np_dtype is object else 0, dtype=np_dtype)
-        elif n < count:  # TF fills the rest with the last value
-            arr = np.concatenate([arr, np.repeat(arr[-1:], count - n)])
-        else:
-            raise invalid_argument(
-                f"Input \"{alias}\": {n} values do not fit shape {list(shape)}.")
+        arr = np.array(list(values), dtype=np_dtype)
+    if given != count:
+        arr = np.repeat(arr, count)
     return arr.reshape(shape)
 
 
