@@ -10,14 +10,17 @@ path for an asyncio front end; ``run`` runs a :class:`Prepared` request.
 """
 import asyncio
 import logging
+import time
 from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
+import grpc
+import numpy as np
 from google.protobuf import any_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
 from serving.batching import Task
-from serving.errors import failed_precondition, invalid_argument
+from serving.errors import ServingError, failed_precondition, invalid_argument
 from serving.limits import RequestLimits
 from serving.manager import resolve_model_spec
 from serving.tensors import from_numpy, shape_of, to_numpy
@@ -26,10 +29,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
 SIGNATURE_DEF_FIELD = "signature_def"
-#: A lone gRPC Predict of at most this many rows runs its session on the event
-#: loop thread (saving two thread hand-offs); larger ones always go to a
-#: worker thread, so the loop keeps reading new requests while they run.
+#: A gRPC Predict of at most this many rows is decoded and answered on the
+#: event loop (and, when it is the only one in flight, run there too, saving
+#: two thread hand-offs); a larger one is handled whole on a worker thread, so
+#: the loop keeps answering small requests while it runs.
 INLINE_MAX_ROWS = 64
+#: A batchable signature runs at most this many rows per session run; a larger
+#: request is run in slices (see :func:`run_in_slices`).
+SLICE_ROWS = 4096
 
 
 def signature_key(name: str) -> str:
@@ -79,6 +86,34 @@ def decode_inputs(signature, inputs, limits: RequestLimits):
     arrays = {alias: to_numpy(inputs[alias], alias, shape)
               for alias, (_, shape) in shapes.items()}
     return arrays, rows
+
+
+def run_in_slices(servable, signature, arrays: dict, outputs: tuple,
+                  deadline: Optional[float] = None) -> dict:
+    """``servable.run``, ``SLICE_ROWS`` rows at a time when a batchable
+    signature gets more (the rows are independent: batching merges requests
+    on the same assumption).  Between slices the threads of the front ends get
+    the interpreter (TensorFlow converts string tensors holding it), and a
+    request whose ``deadline`` (time.monotonic() seconds) has passed stops:
+    its client has given up."""
+    rows = next(iter(arrays.values())).shape[0] if arrays and signature.batchable else 0
+    if rows <= SLICE_ROWS:
+        return servable.run(signature, arrays, outputs)
+    parts = []
+    for start in range(0, rows, SLICE_ROWS):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"Deadline exceeded after {start} of {rows} rows")
+        parts.append(servable.run(
+            signature, {a: v[start:start + SLICE_ROWS] for a, v in arrays.items()}, outputs))
+    return {alias: np.concatenate([p[alias] for p in parts]) for alias in outputs}
+
+
+def declared_rows(request) -> int:
+    """The largest dim 0 a PredictRequest's inputs declare (0 for scalars), read
+    from the shapes alone: nothing is decoded."""
+    return max((proto.tensor_shape.dim[0].size for proto in request.inputs.values()
+                if proto.tensor_shape.dim), default=0)
 
 
 def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusResponse:
@@ -132,10 +167,10 @@ class Predictor:
         signature, arrays, outputs, rows = prepared
         signature.check_method()
         if not use_batching or self.scheduler is None or not signature.batchable:
-            return servable.run(signature, arrays, outputs)
+            return run_in_slices(servable, signature, arrays, outputs, deadline)
         key = (id(servable), signature.key, outputs)
         return self.scheduler.run(
-            key, lambda a: servable.run(signature, a, outputs),
+            key, lambda a: run_in_slices(servable, signature, a, outputs, deadline),
             servable.name, signature, arrays, rows, deadline)
 
     @staticmethod
@@ -168,15 +203,19 @@ class Predictor:
                             inline: bool = False) -> predict_pb2.PredictResponse:
         """:meth:`predict` for an asyncio front end.
 
-        Validation and response building run on the calling event loop; the
-        session runs on a batch worker (batching) or on ``runner``, a
-        :class:`~serving.loop_thread.BlockingRunner` -- or right here when
-        ``inline`` (the caller knows no other request is in flight) and the
-        request has at most ``INLINE_MAX_ROWS`` rows, saving two thread
-        hand-offs.  The servable is released by whichever thread finishes the
-        run, so a cancelled call never lets a swap close a session that is
-        still running; a call cancelled before its run starts is not run.
+        A request of at most ``INLINE_MAX_ROWS`` rows is decoded and answered
+        on the calling event loop; its session runs on a batch worker
+        (batching) or on ``runner``, a :class:`~serving.loop_thread.BlockingRunner`
+        -- or right here when ``inline`` (the caller knows no other request is
+        in flight), saving two thread hand-offs.  A larger request is handled
+        whole (decoding, run, response) on a ``runner`` thread, so the loop
+        keeps answering small requests meanwhile.  The servable is released by
+        whichever thread finishes the run, so a cancelled call never lets a
+        swap close a session that is still running; a call cancelled before
+        its run starts is not run.
         """
+        if runner is not None and declared_rows(request) > INLINE_MAX_ROWS:
+            return await runner.call(self.predict, request, deadline)
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
         servable = self.manager.acquire(*resolve_model_spec(request.model_spec))
@@ -196,7 +235,7 @@ class Predictor:
                     key, lambda a: servable.run(signature, a, outputs),
                     servable.name, signature, task)
             if not handed_off:
-                if runner is None or inline and rows <= INLINE_MAX_ROWS:
+                if runner is None or inline:
                     handed_off = True   # released below, after the run
                     try:
                         values = servable.run(signature, arrays, outputs)

@@ -165,7 +165,14 @@ class _RequestHandler(web_protocol.RequestHandler):
     def eof_received(self) -> bool:
         self.close()   # no request can follow: close once the last one is answered
         if self._parser is not None:
-            self._parser.feed_eof()   # a body cut short now fails instead of waiting
+            try:
+                self._parser.feed_eof()
+            except HttpProcessingError as exc:   # a body cut short fails, not waits
+                payloads = [payload for _, payload in self._messages]
+                if self._current_request is not None:
+                    payloads.append(self._current_request.content)
+                for payload in payloads:
+                    payload.set_exception(exc)
         return True    # keep the write side open for the answer
 
     def handle_error(self, request, status: int = 500, exc=None, message=None):

@@ -2,7 +2,9 @@
 
 Requests may carry values in ``tensor_content`` or in the typed ``*_val``
 fields; responses are written with the typed fields, as TF Serving's
-``Tensor::AsProtoField`` does.
+``Tensor::AsProtoField`` does.  Values are copied ``CHUNK`` at a time, so a
+large tensor never holds the interpreter for long: the event-loop threads get
+it between chunks.
 """
 import math
 from typing import Optional
@@ -11,6 +13,8 @@ import numpy as np
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from serving.errors import invalid_argument
+
+CHUNK = 16384
 
 # dtype enum -> (numpy dtype, TensorProto value field)
 _DTYPES = {
@@ -107,13 +111,13 @@ def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: Optional[tuple] =
         raise parsing_error(
             alias, f"{given} values given for shape {list(shape)} of {count} elements; "
             "give every value, or one to repeat")
-    if proto.dtype == types_pb2.DT_STRING:
-        arr = np.empty(given, dtype=object)
-        arr[:] = list(values)   # a list converts 2x faster than the upb container
-    elif proto.dtype == types_pb2.DT_HALF:
-        arr = np.array(values, dtype=np.uint16).view(np.float16)
-    else:
-        arr = np.array(list(values), dtype=np_dtype)
+    if proto.dtype == types_pb2.DT_HALF:
+        np_dtype = np.uint16
+    arr = np.empty(given, dtype=np_dtype)
+    for start in range(0, given, CHUNK):   # a slice converts 2x faster than the container
+        arr[start:start + CHUNK] = values[start:start + CHUNK]
+    if proto.dtype == types_pb2.DT_HALF:
+        arr = arr.view(np.float16)
     if given != count:
         arr = np.repeat(arr, count)
     return arr.reshape(shape)
@@ -125,22 +129,26 @@ def from_numpy(arr: np.ndarray, proto: tensor_pb2.TensorProto) -> tensor_pb2.Ten
     dims = proto.tensor_shape.dim
     for d in arr.shape:
         dims.add(size=d)
+    flat = arr.ravel()
     if arr.dtype == object or arr.dtype.kind in "SU":
         proto.dtype = types_pb2.DT_STRING
-        values = arr.ravel().tolist()
-        try:
-            proto.string_val.extend(values)   # all bytes: the common case
-        except TypeError:
-            del proto.string_val[:]
-            proto.string_val.extend(
-                v if isinstance(v, bytes) else str(v).encode() for v in values)
+        for start in range(0, flat.size, CHUNK):
+            values = flat[start:start + CHUNK].tolist()
+            try:
+                proto.string_val.extend(values)   # all bytes: the common case
+            except TypeError:
+                del proto.string_val[start:]   # what the failed extend appended
+                proto.string_val.extend(
+                    v if isinstance(v, bytes) else str(v).encode() for v in values)
         return proto
     dtype = _NUMPY_TO_DTYPE.get(arr.dtype)
     if dtype is None:
         raise ValueError(f"cannot serialize numpy dtype {arr.dtype}")
     proto.dtype = dtype
     if dtype == types_pb2.DT_HALF:
-        proto.half_val.extend(arr.ravel().view(np.uint16).tolist())
+        flat, field = flat.view(np.uint16), proto.half_val
     else:
-        getattr(proto, _DTYPES[dtype][1]).extend(arr.ravel().tolist())
+        field = getattr(proto, _DTYPES[dtype][1])
+    for start in range(0, flat.size, CHUNK):
+        field.extend(flat[start:start + CHUNK].tolist())
     return proto
