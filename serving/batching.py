@@ -11,12 +11,14 @@ inputs such as ``seen_item_ids`` always); the batch is padded up to the next
 ``allowed_batch_sizes`` entry by repeating its first row; outputs are split
 back per task.  A task larger than ``max_batch_size`` runs alone.
 """
+import asyncio
 import logging
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import grpc
 import numpy as np
@@ -82,7 +84,10 @@ class Task:
     __slots__ = ("arrays", "size", "deadline", "enqueued", "done", "result", "error",
                  "loop", "future", "on_done", "finished")
 
-    def __init__(self, arrays, size, deadline=None, loop=None, future=None, on_done=None):
+    def __init__(self, arrays: dict, size: int, deadline: Optional[float] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None,
+                 future: Optional[asyncio.Future] = None,
+                 on_done: Optional[Callable[[], None]] = None):
         self.arrays, self.size, self.deadline = arrays, size, deadline
         self.enqueued = time.monotonic()
         self.loop, self.future, self.on_done = loop, future, on_done
@@ -195,7 +200,7 @@ class BatchScheduler:
             t.start()
 
     def run(self, key, run_fn, model_name, signature, arrays: dict, size: int,
-            deadline: float = None) -> dict:
+            deadline: Optional[float] = None) -> dict:
         """Runs ``run_fn(arrays)`` batched with concurrent tasks under ``key``.
 
         ``deadline`` (time.monotonic() seconds, e.g. from the gRPC deadline): a

@@ -61,7 +61,7 @@ def _model_spec(name, version, label) -> model_pb2.ModelSpec:
 class RestHandler:
     """Maps (method, path, body) to (http status, JSON body); knows no aiohttp."""
 
-    def __init__(self, predictor, manager, metrics=None, monitoring_path=None):
+    def __init__(self, predictor, manager, metrics=None, monitoring_path: Optional[str] = None):
         self._predictor = predictor
         self._manager = manager
         self._metrics = metrics

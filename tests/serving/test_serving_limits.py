@@ -5,8 +5,11 @@ wrong or which limit it passed, by a server running under a 4 GiB data limit
 (RLIMIT_DATA) with the default limits, which then still answers normally.
 Loopback only; every loop is bounded.
 """
+import asyncio
 import http.client
+import json
 import socket
+import threading
 import time
 
 import grpc
@@ -134,7 +137,6 @@ def post(srv, body, chunked=False, timeout=60):
         else:
             conn.request("POST", PREDICT, body=body)
         resp = conn.getresponse()
-        import json
         return resp.status, json.loads(resp.read())
     finally:
         conn.close()
@@ -246,3 +248,91 @@ def test_small_requests_are_not_held_behind_a_big_one(start_server, templates, t
           f"slowest {max(latencies, default=0):.3f} s")
     assert len(latencies) >= 3, (latencies, big_seconds)
     assert max(latencies) < big_seconds / 3, (latencies, big_seconds)
+
+
+# -- units: the checks themselves ------------------------------------------------
+def test_values_must_match_the_shape():
+    from serving.errors import ServingError
+    from serving.tensors import to_numpy
+
+    one = tensor(types_pb2.DT_FLOAT, [2, 2], float_val=[7.0])   # TF's fill of one value
+    assert to_numpy(one, "x").tolist() == [[7.0, 7.0], [7.0, 7.0]]
+    assert to_numpy(tensor(types_pb2.DT_STRING, [0]), "x").shape == (0,)
+    many = tensor(types_pb2.DT_INT64, [2], int64_val=[1, 2, 3])
+    with pytest.raises(ServingError, match=r"tensor parsing error: x \(3 values given for "
+                                           r"shape \[2\] of 2 elements"):
+        to_numpy(many, "x")
+    content = tensor(types_pb2.DT_INT32, [2], tensor_content=np.arange(2, dtype=np.int32).tobytes())
+    assert to_numpy(content, "x").tolist() == [0, 1]
+    big = np.arange(50_000, dtype=np.int64)   # several conversion chunks
+    proto = tensor(types_pb2.DT_INT64, [50_000], int64_val=big.tolist())
+    np.testing.assert_array_equal(to_numpy(proto, "x"), big)
+
+
+def test_limits_are_checked_from_declared_shapes():
+    from serving.errors import ServingError
+    from serving.limits import RequestLimits
+    from serving.predict import check_inputs
+    from serving.signature import Signature, TensorSpec
+
+    sig = Signature.__new__(Signature)
+    sig.inputs = {"x": TensorSpec("x", "x:0", types_pb2.DT_FLOAT, (-1, -1), np.float32)}
+    sig.input_aliases, sig.has_defaults = ["x"], False
+    limits = RequestLimits(max_rows=10, max_tensor_elements=30)
+    assert check_inputs(sig, {"x": (types_pb2.DT_FLOAT, (7, 4))}, limits) == 7
+    with pytest.raises(ServingError, match=r'Input "x": shape \[8,4\] has 32 elements; the '
+                                           r"limit is 30 elements per tensor"):
+        check_inputs(sig, {"x": (types_pb2.DT_FLOAT, (8, 4))}, limits)
+    with pytest.raises(ServingError, match="Request has 11 rows; the limit is 10 rows"):
+        check_inputs(sig, {"x": (types_pb2.DT_FLOAT, (11, 0))}, limits)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["one call", "element by element"])
+def test_json_parse_is_the_same_streamed_or_not(monkeypatch, streamed):
+    from serving import json_tensor
+    from serving.errors import ServingError
+    from serving.limits import RequestLimits
+
+    monkeypatch.setattr(json_tensor, "STREAM_MIN_CHARS", 0 if streamed else 1 << 30)
+    body = (b' {"signature_name": "s", "instances": [ {"a": [1, 2]}, {"a": [3, 4]} ] ,'
+            b' "inputs": {"a": [[1], [2]], "b": "x"}, "z": {"instances": [1]}} ')
+    assert json_tensor.parse_body(body) == json.loads(body)
+    for bad, message in [(b'{"instances": [1 2]}', "Expecting ',' delimiter"),
+                         (b'{"a": 1,}', "Expecting property name"),
+                         (b'{} x', "Extra data"),
+                         (b"[" * 5000 + b"]" * 5000, "nesting too deep")]:
+        with pytest.raises(ServingError, match=message):
+            json_tensor.parse_body(bad)
+    rows = b'{"instances": [' + b",".join([b"1"] * 6) + b"]}"
+    doc = json_tensor.parse_body(rows, RequestLimits(max_rows=6))
+    assert doc["instances"] == [1] * 6
+    if streamed:   # parsing stops at row 6; the one-call parse refuses later, in request_arrays
+        with pytest.raises(ServingError, match="Request has more than 5 rows; the limit is 5"):
+            json_tensor.parse_body(rows, RequestLimits(max_rows=5))
+
+
+def test_runner_skips_a_call_whose_caller_went_away():
+    from serving.loop_thread import BlockingRunner
+
+    runner = BlockingRunner(1)
+    gate, ran, released = threading.Event(), [], []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        first = runner.call(gate.wait, 5)
+        task = asyncio.ensure_future(first)
+        await asyncio.sleep(0.05)             # the one thread is busy with `first`
+        abandoned = loop.create_future()
+        runner.submit(ran.append, ("abandoned",), loop, abandoned, lambda: released.append(1))
+        abandoned.cancel()                    # its client went away while it was queued
+        gate.set()
+        assert await task is True
+        done = loop.create_future()
+        runner.submit(ran.append, ("next",), loop, done)
+        await done
+
+    try:
+        asyncio.run(main())
+    finally:
+        runner.stop()
+    assert ran == ["next"] and released == [1]
