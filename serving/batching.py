@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from serving.errors import ServingError, from_exception, invalid_argument, resource_exhausted
+from serving.loop_thread import resolve
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,7 @@ class Task:
 def _resolve_futures(tasks) -> None:
     """On the event loop: hands each task's result or error to its future."""
     for t in tasks:
-        fut = t.future
-        if fut.done():   # the caller went away (cancelled, deadline)
-            continue
-        if t.error is not None:
-            fut.set_exception(t.error)
-        else:
-            fut.set_result(t.result)
+        resolve(t.future, t.result, t.error)
 
 
 def complete(tasks) -> None:

@@ -134,7 +134,7 @@ class BlockingRunner:
                 except Exception:  # noqa: BLE001
                     log.exception("completion callback failed")
             try:
-                loop.call_soon_threadsafe(_resolve, fut, result, error)
+                loop.call_soon_threadsafe(resolve, fut, result, error)
             except RuntimeError:  # loop closed: the server is gone
                 pass
             del item, fn, args, loop, fut, on_done, result, error
@@ -146,7 +146,8 @@ class BlockingRunner:
             t.join(timeout=30)
 
 
-def _resolve(fut: asyncio.Future, result, error: Optional[BaseException]) -> None:
+def resolve(fut: asyncio.Future, result, error: Optional[BaseException]) -> None:
+    """On the future's loop: its result or exception, unless its caller went away."""
     if fut.done():
         return
     if error is not None:

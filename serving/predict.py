@@ -19,9 +19,10 @@ import numpy as np
 from google.protobuf import any_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from serving.batching import Task
+from serving.batching import BatchScheduler, Task
 from serving.errors import ServingError, failed_precondition, invalid_argument
 from serving.limits import RequestLimits
+from serving.loop_thread import BlockingRunner
 from serving.manager import resolve_model_spec
 from serving.tensors import from_numpy, shape_of, to_numpy
 
@@ -131,7 +132,8 @@ def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusR
 class Predictor:
     """Runs predictions on the manager's servables, batched when enabled."""
 
-    def __init__(self, manager, scheduler=None, limits: Optional[RequestLimits] = None):
+    def __init__(self, manager, scheduler: Optional[BatchScheduler] = None,
+                 limits: Optional[RequestLimits] = None):
         self.manager = manager
         self.scheduler = scheduler
         self.limits = limits or RequestLimits()
@@ -199,7 +201,8 @@ class Predictor:
         with self.servable(request.model_spec) as servable:
             return self.predict_on(servable, request, deadline=deadline)
 
-    async def predict_async(self, request, deadline: Optional[float] = None, runner=None,
+    async def predict_async(self, request, deadline: Optional[float] = None,
+                            runner: Optional[BlockingRunner] = None,
                             inline: bool = False) -> predict_pb2.PredictResponse:
         """:meth:`predict` for an asyncio front end.
 

@@ -119,6 +119,18 @@ def test_grpc_100k_rows_with_a_short_deadline(server):
     assert_still_serving(server)
 
 
+def test_grpc_message_over_the_cap(server):
+    huge = tensor(types_pb2.DT_STRING, [1], string_val=[b"x" * (65 << 20)])
+    predict, _ = server.stubs()
+    with pytest.raises(grpc.RpcError) as err:
+        predict.Predict(request(huge, tensor(types_pb2.DT_FLOAT, [1], float_val=[1.0])),
+                        timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert "Received message larger than max (68157" in err.value.details()
+    assert "vs. 67108864)" in err.value.details()
+    assert_still_serving(server)
+
+
 def big_instances(rows: int, id_bytes: int) -> bytes:
     """A row-format body of ``rows`` rows, each with a ``id_bytes``-long user id."""
     pad = b"x" * (id_bytes - 8)
