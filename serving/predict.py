@@ -75,7 +75,7 @@ def check_inputs(signature, shapes: dict, limits: RequestLimits) -> int:
             dtype, shape = shapes[alias]
             signature.check_tensor(alias, dtype, shape)
             limits.check_elements(alias, shape)
-    rows = signature.batch_size({alias: shape for alias, (_, shape) in shapes.items()})
+    rows = signature.batch_size(shapes)
     limits.check_rows(rows)
     return rows
 

@@ -108,9 +108,9 @@ class Signature:
             raise invalid_argument(f"Input \"{alias}\": empty batch (dimension 0 is 0).")
 
     def batch_size(self, shapes: dict) -> int:
-        """The dim 0 that all batched inputs (alias -> shape) agree on (0 if none)."""
+        """The dim 0 that all batched inputs (alias -> (dtype, shape)) agree on (0 if none)."""
         size = None
-        for alias, shape in shapes.items():
+        for alias, (_, shape) in shapes.items():
             spec = self.inputs[alias]
             if spec.shape and spec.shape[0] == -1:
                 if size is None:
