@@ -171,8 +171,10 @@ class Predictor:
         if not use_batching or self.scheduler is None or not signature.batchable:
             return run_in_slices(servable, signature, arrays, outputs, deadline)
         key = (id(servable), signature.key, outputs)
+        # the run function serves every request merged into a batch: no one
+        # request's deadline (the scheduler drops expired requests itself)
         return self.scheduler.run(
-            key, lambda a: run_in_slices(servable, signature, a, outputs, deadline),
+            key, lambda a: run_in_slices(servable, signature, a, outputs),
             servable.name, signature, arrays, rows, deadline)
 
     @staticmethod
