@@ -348,3 +348,17 @@ def test_runner_skips_a_call_whose_caller_went_away():
     finally:
         runner.stop()
     assert ran == ["next"] and released == [1]
+
+
+def test_limit_flags(tmp_path):
+    from serving.cli import build_parser, options_from_args
+
+    base = ["--model_base_path", str(tmp_path)]
+    options = options_from_args(build_parser().parse_args(base))
+    assert (options.max_request_bytes, options.max_rows_per_request,
+            options.max_tensor_elements) == (64 << 20, 10_000, 10_000_000)
+    options = options_from_args(build_parser().parse_args(
+        base + ["--max_rows_per_request=5", "--max_tensor_elements=7"]))
+    assert (options.max_rows_per_request, options.max_tensor_elements) == (5, 7)
+    with pytest.raises(ValueError, match="--max_rows_per_request must be at least 1, got 0"):
+        options_from_args(build_parser().parse_args(base + ["--max_rows_per_request=0"]))
