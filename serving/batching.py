@@ -11,17 +11,20 @@ inputs such as ``seen_item_ids`` always); the batch is padded up to the next
 ``allowed_batch_sizes`` entry by repeating its first row; outputs are split
 back per task.  A task larger than ``max_batch_size`` runs alone.
 """
+import asyncio
 import logging
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import grpc
 import numpy as np
 
 from serving.errors import ServingError, from_exception, invalid_argument, resource_exhausted
+from serving.loop_thread import resolve
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +78,17 @@ class BatchingOptions:
         return size
 
 
-class _Task:
+class Task:
     """One request's rows.  Completion: ``done`` (an Event) for blocking callers,
     or ``future`` resolved on ``loop`` for asyncio callers; ``on_done`` (e.g.
     releasing the servable) runs on the worker before the caller is woken."""
     __slots__ = ("arrays", "size", "deadline", "enqueued", "done", "result", "error",
                  "loop", "future", "on_done", "finished")
 
-    def __init__(self, arrays, size, deadline=None, loop=None, future=None, on_done=None):
+    def __init__(self, arrays: dict, size: int, deadline: Optional[float] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None,
+                 future: Optional[asyncio.Future] = None,
+                 on_done: Optional[Callable[[], None]] = None):
         self.arrays, self.size, self.deadline = arrays, size, deadline
         self.enqueued = time.monotonic()
         self.loop, self.future, self.on_done = loop, future, on_done
@@ -94,13 +100,7 @@ class _Task:
 def _resolve_futures(tasks) -> None:
     """On the event loop: hands each task's result or error to its future."""
     for t in tasks:
-        fut = t.future
-        if fut.done():   # the caller went away (cancelled, deadline)
-            continue
-        if t.error is not None:
-            fut.set_exception(t.error)
-        else:
-            fut.set_result(t.result)
+        resolve(t.future, t.result, t.error)
 
 
 def complete(tasks) -> None:
@@ -195,14 +195,14 @@ class BatchScheduler:
             t.start()
 
     def run(self, key, run_fn, model_name, signature, arrays: dict, size: int,
-            deadline: float = None) -> dict:
+            deadline: Optional[float] = None) -> dict:
         """Runs ``run_fn(arrays)`` batched with concurrent tasks under ``key``.
 
         ``deadline`` (time.monotonic() seconds, e.g. from the gRPC deadline): a
         task still queued past it is dropped with RESOURCE_EXHAUSTED, as TF
         Serving's batching session answers it.
         """
-        task = _Task(arrays, size, deadline)
+        task = Task(arrays, size, deadline)
         if not self.submit(key, run_fn, model_name, signature, task):
             return run_fn(arrays)
         task.done.wait()
@@ -210,7 +210,7 @@ class BatchScheduler:
             raise task.error
         return task.result
 
-    def submit(self, key, run_fn, model_name, signature, task: _Task) -> bool:
+    def submit(self, key, run_fn, model_name, signature, task: Task) -> bool:
         """Queues ``task`` without waiting; it completes through :func:`complete`.
 
         False (and nothing queued) when the task is larger than
@@ -313,16 +313,20 @@ class BatchScheduler:
 
     @staticmethod
     def _drop_expired(tasks, now):
-        live, expired = [], []
+        """The tasks still worth running: not past their deadline, and not
+        abandoned (an asyncio caller that was cancelled: client gone)."""
+        live, dropped = [], []
         for t in tasks:
             if t.deadline is not None and now > t.deadline:
                 t.error = resource_exhausted(
                     "Run() timeout exceeded while waiting in batching queue")
-                expired.append(t)
+                dropped.append(t)
+            elif t.future is not None and t.future.done():
+                dropped.append(t)
             else:
                 live.append(t)
-        if expired:
-            complete(expired)
+        if dropped:
+            complete(dropped)
         return live
 
     def _finish(self, tasks, arrays, size, queue) -> None:

@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
                    help="replay assets.extra/tf_serving_warmup_requests at load (default true)")
     p.add_argument("--max_request_size_bytes", type=int, default=64 * MiB,
-                   help="largest accepted gRPC message / REST body (default 64 MiB)")
+                   help="largest accepted gRPC message / REST body, refused before it "
+                        "is read (default 64 MiB)")
+    p.add_argument("--max_rows_per_request", type=int, default=10_000,
+                   help="most rows (dim 0) one Predict may have; larger requests are "
+                        "refused INVALID_ARGUMENT (default 10000)")
+    p.add_argument("--max_tensor_elements", type=int, default=10_000_000,
+                   help="most elements one input tensor may declare; checked before "
+                        "decoding (default 10000000)")
     p.add_argument("--grpc_max_threads", type=int, default=32,
                    help="gRPC handler threads (default 32)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
@@ -84,6 +91,9 @@ def options_from_args(args):
     if args.batching_parameters_file and not args.enable_batching:
         raise SystemExit("twotower-serve: server_options.batching_parameters_file is set "
                          "without setting server_options.enable_batching to true.")
+    for flag in ("max_request_size_bytes", "max_rows_per_request", "max_tensor_elements"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     batching = None
     if args.enable_batching:
         batching = BatchingOptions.from_proto(
@@ -97,6 +107,8 @@ def options_from_args(args):
         monitoring_config=config_io.read_monitoring_config(args.monitoring_config_file),
         enable_model_warmup=args.enable_model_warmup,
         max_request_bytes=args.max_request_size_bytes,
+        max_rows_per_request=args.max_rows_per_request,
+        max_tensor_elements=args.max_tensor_elements,
         grpc_max_threads=args.grpc_max_threads,
         intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         inter_op_parallelism=args.tensorflow_inter_op_parallelism,

@@ -9,14 +9,13 @@ import logging
 import time
 
 from tensorflow_serving.apis import (
-    get_model_status_pb2,
     model_management_pb2,
     model_service_pb2_grpc,
     prediction_service_pb2_grpc,
 )
 
 from serving.errors import ServingError, from_exception, invalid_argument, unimplemented
-from serving.manager import resolve_model_spec
+from serving.predict import status_response
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         predictor, runner = self._predictor, self._runner
-        # The only request in flight runs its session on the loop thread: no
-        # one waits behind it, and it saves the hand-off to a runner thread.
+        # The only request in flight runs a small session (INLINE_MAX_ROWS) on
+        # the loop thread: no one waits behind it, and it saves the hand-off
+        # to a runner thread.  Anything larger runs on a runner thread.
         self._predicts += 1
         try:
             inline = self._predicts == 1
@@ -93,18 +93,6 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def MultiInference(self, request, context):
         err = unimplemented("MultiInference is not supported by this server; use Predict.")
         await context.abort(err.code, err.message)
-
-
-def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusResponse:
-    """GetModelStatusResponse for a ModelSpec (name, optional version or label)."""
-    response = get_model_status_pb2.GetModelStatusResponse()
-    for version, state, error in manager.status(*resolve_model_spec(model_spec)):
-        entry = response.model_version_status.add(version=version, state=state)
-        entry.status.SetInParent()   # TF Serving always reports a status (OK by default)
-        if error is not None:
-            entry.status.error_code = error.code.value[0]
-            entry.status.error_message = error.message
-    return response
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):

@@ -1,21 +1,28 @@
-"""Predict and GetModelMetadata logic shared by the gRPC and REST front ends.
+"""Predict, GetModelMetadata and GetModelStatus logic shared by the gRPC and REST front ends.
 
-``Predictor.predict`` takes a PredictRequest and returns a PredictResponse;
-``Predictor.predict_arrays`` is the same path for callers (REST) that already
-hold numpy inputs.  Signature lookup and validation use the per-version
-:class:`~serving.signature.Signature` computed at load time.
+Both front ends prepare a request in one step: :func:`check_inputs` checks the
+inputs' aliases, dtypes and shapes against the version's
+:class:`~serving.signature.Signature` (computed at load time) and the
+:class:`~serving.limits.RequestLimits`, from the declared shapes, before any
+value is decoded (gRPC) or run (REST).  ``Predictor.predict`` takes a
+PredictRequest and returns a PredictResponse; ``predict_async`` is the same
+path for an asyncio front end; ``run`` runs a :class:`Prepared` request.
 """
 import asyncio
 import logging
-import queue
-import threading
+import time
 from contextlib import contextmanager
+from typing import NamedTuple, Optional
 
+import grpc
+import numpy as np
 from google.protobuf import any_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from serving.batching import _Task as Task
-from serving.errors import failed_precondition, invalid_argument
+from serving.batching import BatchScheduler, Task
+from serving.errors import ServingError, failed_precondition, invalid_argument
+from serving.limits import RequestLimits
+from serving.loop_thread import BlockingRunner
 from serving.manager import resolve_model_spec
 from serving.tensors import from_numpy, shape_of, to_numpy
 
@@ -23,6 +30,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
 SIGNATURE_DEF_FIELD = "signature_def"
+#: A gRPC Predict of at most this many rows is decoded and answered on the
+#: event loop (and, when it is the only one in flight, run there too, saving
+#: two thread hand-offs); a larger one is handled whole on a worker thread, so
+#: the loop keeps answering small requests while it runs.
+INLINE_MAX_ROWS = 64
+#: A batchable signature runs at most this many rows per session run; a larger
+#: request is run in slices (see :func:`run_in_slices`).
+SLICE_ROWS = 4096
 
 
 def signature_key(name: str) -> str:
@@ -38,26 +53,90 @@ def find_signature(servable, name: str):
     return sig
 
 
-def decode_inputs(signature, inputs) -> dict:
-    """alias -> ndarray from a request's TensorProto map, checked against the signature."""
-    signature.check_aliases(inputs.keys())
-    arrays = {}
+class Prepared(NamedTuple):
+    """A validated request: what to run and how many rows it has."""
+    signature: object          # serving.signature.Signature
+    arrays: dict               # alias -> ndarray
+    outputs: tuple             # output aliases to fetch
+    rows: int                  # dim 0 of the batched inputs (0 if none)
+
+
+def check_inputs(signature, shapes: dict, limits: RequestLimits) -> int:
+    """The request check both front ends share; ``shapes``: alias -> (dtype, shape).
+
+    Aliases, then each input's dtype and shape against the SignatureDef and
+    the element cap, then the row cap.  Returns the rows (dim 0 of the
+    batched inputs).  Runs before decoding, so a declared shape can never
+    make the server allocate what the limits refuse.
+    """
+    signature.check_aliases(shapes.keys())
     for alias in signature.input_aliases:
-        if alias not in inputs:
-            continue
-        proto = inputs[alias]
-        shape = shape_of(proto, alias)
-        signature.check_tensor(alias, proto.dtype, shape)
-        arrays[alias] = to_numpy(proto, alias, shape)
-    return arrays
+        if alias in shapes:
+            dtype, shape = shapes[alias]
+            signature.check_tensor(alias, dtype, shape)
+            limits.check_elements(alias, shape)
+    rows = signature.batch_size(shapes)
+    limits.check_rows(rows)
+    return rows
+
+
+def decode_inputs(signature, inputs, limits: RequestLimits):
+    """(alias -> ndarray, rows) from a request's TensorProto map, checked first."""
+    shapes = {alias: (proto.dtype, shape_of(proto, alias)) for alias, proto in inputs.items()}
+    rows = check_inputs(signature, shapes, limits)
+    arrays = {alias: to_numpy(inputs[alias], alias, shape)
+              for alias, (_, shape) in shapes.items()}
+    return arrays, rows
+
+
+def run_in_slices(servable, signature, arrays: dict, outputs: tuple,
+                  deadline: Optional[float] = None) -> dict:
+    """``servable.run``, ``SLICE_ROWS`` rows at a time when a batchable
+    signature gets more (the rows are independent: batching merges requests
+    on the same assumption).  Between slices the threads of the front ends get
+    the interpreter (TensorFlow converts string tensors holding it), and a
+    request whose ``deadline`` (time.monotonic() seconds) has passed stops:
+    its client has given up."""
+    rows = next(iter(arrays.values())).shape[0] if arrays and signature.batchable else 0
+    if rows <= SLICE_ROWS:
+        return servable.run(signature, arrays, outputs)
+    parts = []
+    for start in range(0, rows, SLICE_ROWS):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"Deadline exceeded after {start} of {rows} rows")
+        parts.append(servable.run(
+            signature, {a: v[start:start + SLICE_ROWS] for a, v in arrays.items()}, outputs))
+    return {alias: np.concatenate([p[alias] for p in parts]) for alias in outputs}
+
+
+def declared_rows(request) -> int:
+    """The largest dim 0 a PredictRequest's inputs declare (0 for scalars), read
+    from the shapes alone: nothing is decoded."""
+    return max((proto.tensor_shape.dim[0].size for proto in request.inputs.values()
+                if proto.tensor_shape.dim), default=0)
+
+
+def status_response(manager, model_spec) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatusResponse for a ModelSpec (name, optional version or label)."""
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version, state, error in manager.status(*resolve_model_spec(model_spec)):
+        entry = response.model_version_status.add(version=version, state=state)
+        entry.status.SetInParent()   # TF Serving always reports a status (OK by default)
+        if error is not None:
+            entry.status.error_code = error.code.value[0]
+            entry.status.error_message = error.message
+    return response
 
 
 class Predictor:
     """Runs predictions on the manager's servables, batched when enabled."""
 
-    def __init__(self, manager, scheduler=None):
+    def __init__(self, manager, scheduler: Optional[BatchScheduler] = None,
+                 limits: Optional[RequestLimits] = None):
         self.manager = manager
         self.scheduler = scheduler
+        self.limits = limits or RequestLimits()
 
     @contextmanager
     def servable(self, model_spec):
@@ -70,100 +149,111 @@ class Predictor:
         finally:
             self.manager.release(servable)
 
-    def run(self, servable, signature, arrays: dict, output_aliases: tuple,
-            deadline: float = None) -> dict:
-        """Runs validated inputs, through the batch scheduler when it applies."""
-        signature.check_method()
-        if self.scheduler is None or not signature.batchable:
-            return servable.run(signature, arrays, output_aliases)
-        size = signature.check_batch_sizes(arrays)
-        key = (id(servable), signature.key, output_aliases)
-        return self.scheduler.run(
-            key, lambda a: servable.run(signature, a, output_aliases),
-            servable.name, signature, arrays, size, deadline)
+    def prepare_arrays(self, signature, arrays: dict, output_filter=()) -> Prepared:
+        """A :class:`Prepared` request from decoded inputs (REST's JSON)."""
+        shapes = {alias: (signature.inputs[alias].dtype, arr.shape)
+                  for alias, arr in arrays.items()}
+        rows = check_inputs(signature, shapes, self.limits)
+        return Prepared(signature, arrays, signature.resolve_outputs(output_filter), rows)
 
-    @staticmethod
-    def prepare(servable, request):
-        """(signature, input arrays, output aliases) of a request, validated."""
+    def prepare(self, servable, request) -> Prepared:
+        """A :class:`Prepared` request from a PredictRequest, validated before decoding."""
         signature = find_signature(servable, request.model_spec.signature_name)
-        arrays = decode_inputs(signature, request.inputs)
-        outputs = signature.resolve_outputs(request.output_filter)
-        return signature, arrays, outputs
+        arrays, rows = decode_inputs(signature, request.inputs, self.limits)
+        return Prepared(signature, arrays, signature.resolve_outputs(request.output_filter),
+                        rows)
+
+    def run(self, servable, prepared: Prepared, deadline: Optional[float] = None,
+            use_batching: bool = True) -> dict:
+        """Runs a prepared request, through the batch scheduler when it applies."""
+        signature, arrays, outputs, rows = prepared
+        signature.check_method()
+        if not use_batching or self.scheduler is None or not signature.batchable:
+            return run_in_slices(servable, signature, arrays, outputs, deadline)
+        key = (id(servable), signature.key, outputs)
+        # the run function serves every request merged into a batch: no one
+        # request's deadline (the scheduler drops expired requests itself)
+        return self.scheduler.run(
+            key, lambda a: run_in_slices(servable, signature, a, outputs),
+            servable.name, signature, arrays, rows, deadline)
 
     @staticmethod
-    def response(servable, request, signature, outputs, values) -> predict_pb2.PredictResponse:
+    def response(servable, request, prepared: Prepared, values) -> predict_pb2.PredictResponse:
         response = predict_pb2.PredictResponse()
         spec = response.model_spec
         spec.name = request.model_spec.name or servable.name
         spec.version.value = servable.version
-        spec.signature_name = signature.key
+        spec.signature_name = prepared.signature.key
         response_outputs = response.outputs
-        for alias in outputs:
+        for alias in prepared.outputs:
             from_numpy(values[alias], response_outputs[alias])
         return response
 
-    def predict_on(self, servable, request, use_batching: bool = True, deadline=None):
+    def predict_on(self, servable, request, use_batching: bool = True,
+                   deadline: Optional[float] = None) -> predict_pb2.PredictResponse:
         """Predict on an already held servable (also used by warmup)."""
-        signature, arrays, outputs = self.prepare(servable, request)
-        if use_batching:
-            values = self.run(servable, signature, arrays, outputs, deadline)
-        else:
-            signature.check_method()
-            values = servable.run(signature, arrays, outputs)
-        return self.response(servable, request, signature, outputs, values)
+        prepared = self.prepare(servable, request)
+        values = self.run(servable, prepared, deadline, use_batching)
+        return self.response(servable, request, prepared, values)
 
-    def predict(self, request, deadline: float = None) -> predict_pb2.PredictResponse:
+    def predict(self, request, deadline: Optional[float] = None) -> predict_pb2.PredictResponse:
         """``deadline``: time.monotonic() seconds after which queued work is dropped."""
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
         with self.servable(request.model_spec) as servable:
             return self.predict_on(servable, request, deadline=deadline)
 
-    async def predict_async(self, request, deadline: float = None, runner=None,
-                            inline: bool = False):
+    async def predict_async(self, request, deadline: Optional[float] = None,
+                            runner: Optional[BlockingRunner] = None,
+                            inline: bool = False) -> predict_pb2.PredictResponse:
         """:meth:`predict` for an asyncio front end.
 
-        Validation and response building run on the calling event loop; the
-        session runs on a batch worker (batching) or on ``runner``, a
-        :class:`BlockingRunner` -- or, with ``inline`` (the caller knows no
-        other request is in flight), right here, saving two thread hand-offs.
-        The servable is released by whichever thread finishes the run, so a
-        cancelled call never lets a swap close a session that is still running.
+        A request of at most ``INLINE_MAX_ROWS`` rows is decoded and answered
+        on the calling event loop; its session runs on a batch worker
+        (batching) or on ``runner``, a :class:`~serving.loop_thread.BlockingRunner`
+        -- or right here when ``inline`` (the caller knows no other request is
+        in flight), saving two thread hand-offs.  A larger request is handled
+        whole (decoding, run, response) on a ``runner`` thread, so the loop
+        keeps answering small requests meanwhile.  The servable is released by
+        whichever thread finishes the run, so a cancelled call never lets a
+        swap close a session that is still running; a call cancelled before
+        its run starts is not run.
         """
+        if runner is not None and declared_rows(request) > INLINE_MAX_ROWS:
+            return await runner.call(self.predict, request, deadline)
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
-        model_spec = request.model_spec
-        servable = self.manager.acquire(*resolve_model_spec(model_spec))
+        servable = self.manager.acquire(*resolve_model_spec(request.model_spec))
         handed_off = False
         try:
-            signature, arrays, outputs = self.prepare(servable, request)
+            prepared = self.prepare(servable, request)
+            signature, arrays, outputs, rows = prepared
             signature.check_method()
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
             release = servable.release
             scheduler = self.scheduler
             if scheduler is not None and signature.batchable:
-                size = signature.check_batch_sizes(arrays)
                 key = (id(servable), signature.key, outputs)
-                task = Task(arrays, size, deadline, loop=loop, future=fut, on_done=release)
+                task = Task(arrays, rows, deadline, loop=loop, future=fut, on_done=release)
                 handed_off = scheduler.submit(
                     key, lambda a: servable.run(signature, a, outputs),
                     servable.name, signature, task)
             if not handed_off:
-                if inline or runner is None:
+                if runner is None or inline:
                     handed_off = True   # released below, after the run
                     try:
                         values = servable.run(signature, arrays, outputs)
                     finally:
                         self.manager.release(servable)
-                    return self.response(servable, request, signature, outputs, values)
+                    return self.response(servable, request, prepared, values)
                 runner.submit(servable.run, (signature, arrays, outputs), loop, fut, release)
                 handed_off = True
         finally:
             if not handed_off:
                 self.manager.release(servable)
         values = await fut
-        return self.response(servable, request, signature, outputs, values)
+        return self.response(servable, request, prepared, values)
 
     def warmup_predict(self, servable, request) -> None:
         """Warmup replay: same checks, no batching, response discarded."""
@@ -189,69 +279,3 @@ class Predictor:
             packed.Pack(sig_map)
             response.metadata[SIGNATURE_DEF_FIELD].CopyFrom(packed)
             return response
-
-
-class BlockingRunner:
-    """Threads that run blocking calls for an event loop and resolve its futures.
-
-    Lighter than ``loop.run_in_executor``: no concurrent.futures.Future (and so
-    no Condition) per call, one queue hand-off in and one
-    ``call_soon_threadsafe`` out.
-    """
-
-    _STOP = object()
-
-    def __init__(self, threads: int, name: str = "runner"):
-        self._queue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-                         for i in range(max(1, threads))]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, fn, args, loop, fut, on_done=None) -> None:
-        """Runs ``fn(*args)`` on a thread; its result or exception goes to ``fut``
-        (on ``loop``); ``on_done`` runs on the thread first."""
-        self._queue.put((fn, args, loop, fut, on_done))
-
-    async def call(self, fn, *args):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.submit(fn, args, loop, fut)
-        return await fut
-
-    def _work(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is self._STOP:
-                return
-            fn, args, loop, fut, on_done = item
-            try:
-                result, error = fn(*args), None
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                result, error = None, exc
-            if on_done is not None:
-                try:
-                    on_done()
-                except Exception:  # noqa: BLE001
-                    log.exception("completion callback failed")
-            try:
-                loop.call_soon_threadsafe(_resolve, fut, result, error)
-            except RuntimeError:  # loop closed: the server is gone
-                pass
-            del item, fn, args, loop, fut, on_done, result, error
-
-    def stop(self) -> None:
-        for _ in self._threads:
-            self._queue.put(self._STOP)
-        for t in self._threads:
-            t.join(timeout=30)
-
-
-def _resolve(fut, result, error) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)

@@ -3,27 +3,31 @@
 Routes (http_rest_api_util.cc): ``POST /v1/models/NAME[/versions/N|/labels/L]:predict``
 (``:classify``/``:regress`` answer 501), ``GET /v1/models/NAME[...]`` (status) and
 ``GET .../metadata``; anything else under ``/v1/`` is 400 "Malformed request".
-The blocking work runs on a thread pool so the loop stays free.  When
+The loop only reads bodies (refusing one over the size cap as soon as it is
+known: from its Content-Length, or while a chunked body streams in); parsing
+and predicting run on worker threads, so the loop stays free.  A client that
+half-closes its socket after the body (HTTP/1.0 style) still gets its answer,
+and malformed HTTP gets a JSON error like every other failure.  When
 monitoring is enabled the Prometheus text is served at its configured path.
 """
-import asyncio
 import json
 import logging
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 from urllib.parse import unquote
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 
 from serving import json_tensor
 from serving.errors import ServingError, from_exception, invalid_argument, unimplemented
-from serving.grpc_service import status_response
+from serving.limits import RequestLimits
+from serving.loop_thread import BlockingRunner, LoopThreadServer
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from serving.predict import SIGNATURE_DEF_FIELD
-from serving.loop_thread import LoopThreadServer
+from serving.predict import DEFAULT_SIGNATURE, SIGNATURE_DEF_FIELD, status_response
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def _model_spec(name, version, label) -> model_pb2.ModelSpec:
 class RestHandler:
     """Maps (method, path, body) to (http status, JSON body); knows no aiohttp."""
 
-    def __init__(self, predictor, manager, metrics=None, monitoring_path=None):
+    def __init__(self, predictor, manager, metrics=None, monitoring_path: Optional[str] = None):
         self._predictor = predictor
         self._manager = manager
         self._metrics = metrics
@@ -108,20 +112,18 @@ class RestHandler:
                                              time.monotonic() - started)
 
     def _predict(self, model_spec, body: bytes) -> bytes:
-        doc = json_tensor.parse_body(body)
+        predictor = self._predictor
+        doc = json_tensor.parse_body(body, predictor.limits)
         sig_name = json_tensor.signature_name(doc)
-        with self._predictor.servable(model_spec) as servable:
-            key = sig_name or "serving_default"
+        with predictor.servable(model_spec) as servable:
+            key = sig_name or DEFAULT_SIGNATURE
             signature = servable.signatures.get(key)
             if signature is None:
                 raise invalid_argument(
                     f"Serving signature name: \"{key}\" not found in signature def")
-            arrays, fmt = json_tensor.request_arrays(doc, signature)
-            signature.check_aliases(arrays.keys())
-            for alias, arr in arrays.items():
-                signature.check_tensor(alias, signature.inputs[alias].dtype, arr.shape)
-            outputs = signature.resolve_outputs(())
-            values = self._predictor.run(servable, signature, arrays, outputs)
+            arrays, fmt = json_tensor.request_arrays(doc, signature, predictor.limits)
+            del doc   # the parsed JSON can be far larger than the arrays
+            values = predictor.run(servable, predictor.prepare_arrays(signature, arrays))
         return json_tensor.response_json(values, fmt)
 
     def _metadata(self, model_spec) -> bytes:
@@ -141,43 +143,104 @@ class RestHandler:
         return json.dumps(doc, indent=1).encode()
 
 
+def _error_response(status: int, message: str) -> web.Response:
+    """An error answered on the loop; the connection closes (its body may be unread)."""
+    response = web.Response(status=status, headers=JSON_HEADERS,
+                            body=json_tensor.error_json(message))
+    response.force_close()
+    return response
+
+
+class _RequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, with two changes.
+
+    A client that half-closes after sending its request (HTTP/1.0: body, then
+    EOF) keeps the socket open for the answer (aiohttp would drop the
+    connection and answer nothing).  HTTP-level errors (malformed requests)
+    are answered with a JSON ``{"error": ...}`` body like every other error;
+    an HTTP/1.0 POST without Content-Length, whose body aiohttp cannot
+    delimit, gets 411 Length Required.
+    """
+
+    def eof_received(self) -> bool:
+        self.close()   # no request can follow: close once the last one is answered
+        if self._parser is not None:
+            try:
+                self._parser.feed_eof()
+            except HttpProcessingError as exc:   # a body cut short fails, not waits
+                payloads = [payload for _, payload in self._messages]
+                if self._current_request is not None:
+                    payloads.append(self._current_request.content)
+                for payload in payloads:
+                    payload.set_exception(exc)
+        return True    # keep the write side open for the answer
+
+    def handle_error(self, request, status: int = 500, exc=None, message=None):
+        if status == 500:
+            log.error("REST request failed", exc_info=exc)
+            message = "Internal error"
+        elif "after `Connection: close`" in str(message):
+            status, message = 411, ("Length Required: an HTTP/1.0 request with a body "
+                                    "needs a Content-Length header")
+        return _error_response(
+            status, f"Malformed request: {message}" if status == 400 else str(message))
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, with :class:`_RequestHandler` connections."""
+
+    def __call__(self) -> _RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
 class RestServer(LoopThreadServer):
     """Runs an aiohttp server for a RestHandler on a background thread."""
 
     thread_name = "rest-server"
 
-    def __init__(self, handler: RestHandler, host: str, port: int, max_body_bytes: int,
-                 workers: int = 16, event_loop: str = "auto"):
+    def __init__(self, handler: RestHandler, host: str, port: int,
+                 limits: Optional[RequestLimits] = None, workers: int = 16,
+                 event_loop: str = "auto"):
         super().__init__(event_loop)
         self._handler = handler
         self._host, self._port = host, port
-        self._max_body = max_body_bytes
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rest")
+        self._limits = limits or RequestLimits()
+        self._workers = BlockingRunner(workers, name="rest")
         self._runner = None
 
-    async def _dispatch(self, request: web.Request) -> web.Response:
+    async def _dispatch(self, request: web.BaseRequest) -> web.Response:
         path = request.raw_path.split("?", 1)[0]
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            return self._too_large(length)
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large(length)
-        loop = asyncio.get_running_loop()
-        status, ctype, out = await loop.run_in_executor(
-            self._pool, self._handler.handle, request.method, path, body)
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        status, ctype, out = await self._workers.call(
+            self._handler.handle, request.method, path, body)
         return web.Response(status=status, body=out, headers={"Content-Type": ctype})
 
-    def _too_large(self, length) -> web.Response:
-        msg = (f"Request body of {length if length is not None else 'more than'} bytes "
-               f"exceeds the limit of {self._max_body} bytes")
-        return web.Response(status=400, body=json_tensor.error_json(msg), headers=JSON_HEADERS)
+    async def _read_body(self, request: web.BaseRequest):
+        """The body, or the error response: over the cap before reading it
+        (Content-Length) or as soon as a chunked body passes it."""
+        cap = self._limits.max_request_bytes
+        length = request.content_length
+        if length is not None and length > cap:
+            return self._too_large(length)
+        parts, size = [], 0
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > cap:
+                    return self._too_large(length)
+                parts.append(chunk)
+        except HttpProcessingError as exc:   # the client ended the body early
+            return _error_response(400, f"Malformed request: {exc.message}")
+        return b"".join(parts)
+
+    def _too_large(self, length: Optional[int]) -> web.Response:
+        return _error_response(400, self._limits.body_too_large(length))
 
     async def _start(self):
-        app = web.Application(client_max_size=self._max_body)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=30)
+        server = _Server(self._dispatch, access_log=None)
+        self._runner = web.ServerRunner(server, shutdown_timeout=30)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
@@ -191,4 +254,4 @@ class RestServer(LoopThreadServer):
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=40)
-        self._pool.shutdown(wait=True)
+        self._workers.stop()

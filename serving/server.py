@@ -16,13 +16,14 @@ from serving import config as config_io
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.errors import ServingError
 from serving.grpc_service import add_services
+from serving.limits import RequestLimits
+from serving.loop_thread import BlockingRunner, LoopThreadServer
 from serving.manager import ServableManager
 from serving.metrics import Metrics
-from serving.predict import BlockingRunner, Predictor
+from serving.predict import Predictor
 from serving.rest import RestHandler, RestServer
 from serving.servable import Servable, session_config
 from serving.warmup import run_warmup
-from serving.loop_thread import LoopThreadServer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ class ServerOptions:
     batching_options: BatchingOptions = None  # None = batching off
     monitoring_config: object = None
     enable_model_warmup: bool = True
-    max_request_bytes: int = 64 << 20
+    max_request_bytes: int = 64 << 20        # see serving.limits.RequestLimits
+    max_rows_per_request: int = 10_000
+    max_tensor_elements: int = 10_000_000
     grpc_max_threads: int = 32
     intra_op_parallelism: int = 0
     inter_op_parallelism: int = 0
@@ -58,7 +61,9 @@ class ModelServer:
         self.manager = ServableManager(self._load, options.file_system_poll_wait_seconds)
         self.scheduler = BatchScheduler(options.batching_options, self.metrics) \
             if options.batching_options else None
-        self.predictor = Predictor(self.manager, self.scheduler)
+        self.limits = RequestLimits(options.max_request_bytes, options.max_rows_per_request,
+                                    options.max_tensor_elements)
+        self.predictor = Predictor(self.manager, self.scheduler, self.limits)
         self._grpc = None
         self._runner = None
         self._rest = None
@@ -129,8 +134,8 @@ class ModelServer:
         prom = opts.monitoring_config.prometheus_config if opts.monitoring_config else None
         handler = RestHandler(self.predictor, self.manager, self.metrics,
                               prom.path if prom is not None and prom.enable else None)
-        self._rest = RestServer(handler, opts.host, opts.rest_api_port,
-                                opts.max_request_bytes, event_loop=opts.event_loop)
+        self._rest = RestServer(handler, opts.host, opts.rest_api_port, self.limits,
+                                event_loop=opts.event_loop)
         self._rest.start()
         log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, opts.rest_api_port)
 

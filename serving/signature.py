@@ -1,9 +1,10 @@
 """Per-signature data computed once at load time, and request validation.
 
 A :class:`Signature` keeps the tensor names, dtypes and shapes of one
-SignatureDef so the hot path never re-reads the proto.  ``check_inputs``
-validates a request's aliases, dtypes and shapes against it before anything
-runs, naming the offending input.
+SignatureDef so the hot path never re-reads the proto.  Its checks
+(``check_aliases``, ``check_tensor``, ``batch_size``) validate a
+request's aliases, dtypes and shapes against it before anything runs, naming
+the offending input.
 """
 from dataclasses import dataclass
 
@@ -106,17 +107,16 @@ class Signature:
         if spec.shape and spec.shape[0] == -1 and shape[0] == 0:
             raise invalid_argument(f"Input \"{alias}\": empty batch (dimension 0 is 0).")
 
-    def check_batch_sizes(self, arrays: dict) -> int:
-        """Checks all batched inputs agree on dim 0; returns it (or 0 if none)."""
+    def batch_size(self, shapes: dict) -> int:
+        """The dim 0 that all batched inputs (alias -> (dtype, shape)) agree on (0 if none)."""
         size = None
-        for alias, arr in arrays.items():
+        for alias, (_, shape) in shapes.items():
             spec = self.inputs[alias]
             if spec.shape and spec.shape[0] == -1:
                 if size is None:
-                    size = arr.shape[0]
-                elif arr.shape[0] != size:
+                    size = shape[0]
+                elif shape[0] != size:
                     raise invalid_argument(
-                        f"Input \"{alias}\": batch size {arr.shape[0]} differs from "
+                        f"Input \"{alias}\": batch size {shape[0]} differs from "
                         f"the other inputs' batch size {size}.")
         return size or 0
-

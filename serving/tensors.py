@@ -2,14 +2,19 @@
 
 Requests may carry values in ``tensor_content`` or in the typed ``*_val``
 fields; responses are written with the typed fields, as TF Serving's
-``Tensor::AsProtoField`` does.
+``Tensor::AsProtoField`` does.  Values are copied ``CHUNK`` at a time, so a
+large tensor never holds the interpreter for long: the event-loop threads get
+it between chunks.
 """
 import math
+from typing import Optional
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from serving.errors import invalid_argument
+
+CHUNK = 16384
 
 # dtype enum -> (numpy dtype, TensorProto value field)
 _DTYPES = {
@@ -67,9 +72,23 @@ def shape_of(proto: tensor_pb2.TensorProto, alias: str) -> tuple:
     return dims
 
 
-def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: tuple = None) -> np.ndarray:
+def parsing_error(alias: str, detail: str):
+    """INVALID_ARGUMENT with TF Serving's message for a TensorProto that
+    ``Tensor::FromProto`` refuses, followed by what was wrong."""
+    return invalid_argument(f"tensor parsing error: {alias} ({detail})")
+
+
+def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: Optional[tuple] = None) -> np.ndarray:
     """Decodes a request TensorProto (``alias`` only names it in errors;
-    ``shape``: ``shape_of(proto, alias)`` when the caller has it already)."""
+    ``shape``: ``shape_of(proto, alias)`` when the caller has it already).
+
+    The values given must match the shape: ``tensor_content`` of exactly
+    elements x itemsize bytes (TF refuses anything else), or as many typed
+    values as elements -- or exactly one, repeated (TF's fill, which
+    ``tf.make_tensor_proto(value, shape=...)`` writes).  TF would also fill a
+    tensor that gives no value at all, so a 100-byte message could declare
+    gigabytes; that is refused here.
+    """
     entry = _DTYPES.get(proto.dtype)
     if entry is None:
         raise invalid_argument(
@@ -78,28 +97,32 @@ def to_numpy(proto: tensor_pb2.TensorProto, alias: str, shape: tuple = None) -> 
     if shape is None:
         shape = shape_of(proto, alias)
     count = math.prod(shape)
-    if proto.dtype == types_pb2.DT_STRING:
-        values = list(proto.string_val)   # a list converts 2x faster than the upb container
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = values
-    elif proto.tensor_content:
-        try:
-            arr = np.frombuffer(proto.tensor_content, dtype=np_dtype)
-        except ValueError as exc:
-            raise invalid_argument(f"Input \"{alias}\": bad tensor_content ({exc}).")
-    elif proto.dtype == types_pb2.DT_HALF:
-        arr = np.array(proto.half_val, dtype=np.uint16).view(np.float16)
+    content = proto.tensor_content
+    if content and proto.dtype != types_pb2.DT_STRING:
+        expected = count * np.dtype(np_dtype).itemsize
+        if len(content) != expected:
+            raise parsing_error(
+                alias, f"tensor_content has {len(content)} bytes, shape "
+                f"{list(shape)} of {dtype_name(proto.dtype)} needs {expected}")
+        return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+    values = getattr(proto, field)
+    given = len(values)
+    if given != count and not (given == 1 and count > 1):
+        raise parsing_error(
+            alias, f"{given} values given for shape {list(shape)} of {count} elements; "
+            "give every value, or one to repeat")
+    if proto.dtype == types_pb2.DT_HALF:
+        np_dtype = np.uint16
+    arr = np.empty(given, dtype=np_dtype)
+    if given <= CHUNK:
+        arr[:] = list(values)   # a list converts 2x faster than the upb container
     else:
-        arr = np.array(list(getattr(proto, field)), dtype=np_dtype)
-    n = arr.size
-    if n != count:
-        if n == 0:
-            arr = np.full(count, b"" if np_dtype is object else 0, dtype=np_dtype)
-        elif n < count:  # TF fills the rest with the last value
-            arr = np.concatenate([arr, np.repeat(arr[-1:], count - n)])
-        else:
-            raise invalid_argument(
-                f"Input \"{alias}\": {n} values do not fit shape {list(shape)}.")
+        for start in range(0, given, CHUNK):
+            arr[start:start + CHUNK] = values[start:start + CHUNK]
+    if proto.dtype == types_pb2.DT_HALF:
+        arr = arr.view(np.float16)
+    if given != count:
+        arr = np.repeat(arr, count)
     return arr.reshape(shape)
 
 
@@ -109,22 +132,33 @@ def from_numpy(arr: np.ndarray, proto: tensor_pb2.TensorProto) -> tensor_pb2.Ten
     dims = proto.tensor_shape.dim
     for d in arr.shape:
         dims.add(size=d)
+    flat = arr.ravel()
     if arr.dtype == object or arr.dtype.kind in "SU":
         proto.dtype = types_pb2.DT_STRING
-        values = arr.ravel().tolist()
-        try:
-            proto.string_val.extend(values)   # all bytes: the common case
-        except TypeError:
-            del proto.string_val[:]
-            proto.string_val.extend(
-                v if isinstance(v, bytes) else str(v).encode() for v in values)
+        for start, part in _chunks(flat):
+            values = part.tolist()
+            try:
+                proto.string_val.extend(values)   # all bytes: the common case
+            except TypeError:
+                del proto.string_val[start:]   # what the failed extend appended
+                proto.string_val.extend(
+                    v if isinstance(v, bytes) else str(v).encode() for v in values)
         return proto
     dtype = _NUMPY_TO_DTYPE.get(arr.dtype)
     if dtype is None:
         raise ValueError(f"cannot serialize numpy dtype {arr.dtype}")
     proto.dtype = dtype
     if dtype == types_pb2.DT_HALF:
-        proto.half_val.extend(arr.ravel().view(np.uint16).tolist())
+        flat, field = flat.view(np.uint16), proto.half_val
     else:
-        getattr(proto, _DTYPES[dtype][1]).extend(arr.ravel().tolist())
+        field = getattr(proto, _DTYPES[dtype][1])
+    for _, part in _chunks(flat):
+        field.extend(part.tolist())
     return proto
+
+
+def _chunks(flat: np.ndarray):
+    """(offset, slice) pairs of at most CHUNK values covering ``flat``."""
+    if flat.size <= CHUNK:
+        return ((0, flat),)
+    return ((start, flat[start:start + CHUNK]) for start in range(0, flat.size, CHUNK))

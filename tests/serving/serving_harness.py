@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -36,7 +37,9 @@ def install_version(template: str, base_path: str, version: int) -> str:
 class Server:
     """A running ``python -m serving`` subprocess and clients for it."""
 
-    def __init__(self, args, log_path):
+    def __init__(self, args, log_path, data_limit_bytes=None):
+        """``data_limit_bytes``: the server's RLIMIT_DATA (heap and anonymous
+        mappings), to show what a request does to a memory-bounded server."""
         self.grpc_port, self.rest_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "serving", f"--port={self.grpc_port}",
                f"--rest_api_port={self.rest_port}", "--host=127.0.0.1",
@@ -45,8 +48,10 @@ class Server:
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log_path = log_path
         self._log = open(log_path, "wb")
+        limit = None if data_limit_bytes is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_DATA, (data_limit_bytes,) * 2))
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, preexec_fn=limit)
         self.channel = None
 
     @property

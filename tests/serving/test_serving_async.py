@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import serving_models
-from serving.batching import BatchingOptions, BatchScheduler
-from serving.batching import _Task as Task
+from serving.batching import BatchingOptions, BatchScheduler, Task
 from serving.errors import ServingError
-from serving.predict import BlockingRunner
+from serving.loop_thread import BlockingRunner
 from serving.servable import Servable, session_config
 
 
@@ -100,7 +99,7 @@ class _Servable:
 def test_cancelled_predict_keeps_servable_until_run_ends():
     """A caller cancelled mid-run must not release the servable (a hot swap
     would close the session under the running batch)."""
-    from serving.predict import Predictor
+    from serving.predict import Predictor, Prepared
 
     servable = _Servable()
 
@@ -121,8 +120,8 @@ def test_cancelled_predict_keeps_servable_until_run_ends():
         servable.gate.wait(5)
         return {}
 
-    predictor.prepare = lambda s, r: (type("Sig", (), {
-        "check_method": lambda self: None, "batchable": False, "key": "k"})(), {}, ())
+    predictor.prepare = lambda s, r: Prepared(type("Sig", (), {
+        "check_method": lambda self: None, "batchable": False, "key": "k"})(), {}, (), 0)
     servable.run = slow
 
     from tensorflow_serving.apis import predict_pb2
