@@ -119,11 +119,14 @@ def test_study_resumes_after_sigkill_and_writes_a_loadable_best_config(tmp_path)
     assert loaded.objective.temperature == pytest.approx(study.best_params["temperature"])
     assert loaded.training.epochs == study.best_params["epochs"]
     assert loaded.tuning is None
+    # refitted on the whole training part: no validation split left
+    assert loaded.training.validation_fraction == 0.0
     for png in ("optimization_history.png", "param_importances.png"):
         assert (study_dir / png).stat().st_size > 1000
     summary = (study_dir / "summary.md").read_text()
     assert "chosen on the **validation** split" in summary
     assert "scored once on the **test** split" in summary
+    assert "refitted on train + validation" in summary
     # the winner retrained as a full run: its test figures are the ones reported
     run = json.loads((study_dir / "best_run" / "metrics.json").read_text())
     assert best["test"] == run["model"]

@@ -7,8 +7,8 @@ validation curve falls below the median of earlier trials at the same epoch.
 Only the validation split (carved from the training part by the test
 split's rule, never the test split) guides the search: trials prepare, build
 and fit (trainer.train's steps) without ever scoring the test split. At the
-end the best trial is retrained as a full run (``best_run/``) and scored on
-the test split once.
+end the best trial is refitted on the whole training part (train + validation) as a
+full run (``best_run/``) and scored on the test split once.
 
 The study lives in ``STUDY/study.db`` (SQLite): a killed tuner started again
 with the same arguments resumes it; the trial it was running is marked failed
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _CONFIG_ATTR = "config"      # trial user attribute: the trial's full config (JSON)
 _RETRY_ATTR = "retry_of"     # trial user attribute: the interrupted trial it re-runs
+_EPOCHS_ATTR = "epochs"      # trial user attribute: epochs of the model the trial ended with
 DEFAULT_VALIDATION_FRACTION = 0.1
 
 
@@ -105,6 +106,20 @@ def trial_config(raw: dict, space: dict, params: dict, metric: str):
     return parse_config(out, "tuning trial")
 
 
+def refit_config(trial_raw: dict, epochs: Optional[int], source: str):
+    """The config the winner is refitted with: every tuned knob kept, trained on
+    the whole training part (train + validation, as the test split's model
+    always is); with early stopping, for the epochs its trial ended with."""
+    from trainer.config import parse_config
+
+    out = json.loads(json.dumps(trial_raw))
+    training = out["training"]
+    if training.get("early_stopping_patience") and epochs:
+        training["epochs"] = int(epochs)
+    training.update(validation_fraction=0.0, validation_days=0.0, early_stopping_patience=0)
+    return parse_config(out, source)
+
+
 def _suggest(trial, space: dict) -> dict:
     params = {}
     for name, p in space.items():
@@ -120,16 +135,39 @@ def _suggest(trial, space: dict) -> dict:
     return params
 
 
-def _final_value(history: dict, config, metric: str) -> float:
-    """The metric of the model the trial ends with: the best epoch's when early
-    stopping restores the best weights, else the last epoch's."""
-    values = history[metric]
-    return max(values) if config.training.early_stopping_patience else values[-1]
+def refit_config(trial_raw: dict, epochs: Optional[int], source: str):
+    """The config the winner is refitted with: every tuned knob kept, trained on
+    the whole training part (train + validation, as the test split's model
+    always is); with early stopping, for the epochs its trial ended with."""
+    from trainer.config import parse_config
+
+    out = json.loads(json.dumps(trial_raw))
+    training = out["training"]
+    if training.get("early_stopping_patience") and epochs:
+        training["epochs"] = int(epochs)
+    training.update(validation_fraction=0.0, validation_days=0.0, early_stopping_patience=0)
+    return parse_config(out, source)
 
 
-def _fit_trial(config, tables, out: Path, prune, metric: str) -> float:
-    """Prepare, build and fit one trial (the test split is never scored here);
-    its validation metric. Only ``history.csv`` stays in ``out``."""
+def _suggest(trial, space: dict) -> dict:
+    params = {}
+    for name, p in space.items():
+        if p.kind == "float":
+            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+        elif p.kind == "int":
+            params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log,
+                                             step=int(p.step or 1))
+        elif p.kind == "categorical":
+            params[name] = trial.suggest_categorical(name, p.choices)
+        else:
+            params[name] = trial.suggest_categorical(name, [True, False])
+    return params
+
+
+def _fit_trial(config, tables, out: Path, prune, metric: str) -> tuple[float, int]:
+    """Prepare, build and fit one trial (the test split is never scored here):
+    (its validation metric, the epochs of that model). Only ``history.csv``
+    stays in ``out``."""
     import shutil
 
     import tensorflow as tf
@@ -148,7 +186,11 @@ def _fit_trial(config, tables, out: Path, prune, metric: str) -> float:
         for part in out.iterdir():
             if part.name != "history.csv":
                 shutil.rmtree(part) if part.is_dir() else part.unlink()
-    return _final_value(fitted.history, config, metric)
+    values = fitted.history[metric]
+    if config.training.early_stopping_patience:   # restore_best_weights: the best epoch
+        best = int(max(range(len(values)), key=values.__getitem__))
+        return values[best], best + 1
+    return values[-1], len(values)
 
 
 def _retry_interrupted(study, storage) -> int:
@@ -201,8 +243,11 @@ def run_study(config, study_dir: str | Path, trials: Optional[int] = None,
         def objective(trial) -> float:
             trial_cfg = trial_config(raw, space, _suggest(trial, space), tuning.metric)
             trial.set_user_attr(_CONFIG_ATTR, trial_cfg.model_dump(mode="json"))
-            return _fit_trial(trial_cfg, tables, study_dir / "trials" / f"{trial.number:03d}",
-                              _prune_callback(trial, tuning.metric), tuning.metric)
+            value, epochs = _fit_trial(trial_cfg, tables,
+                                       study_dir / "trials" / f"{trial.number:03d}",
+                                       _prune_callback(trial, tuning.metric), tuning.metric)
+            trial.set_user_attr(_EPOCHS_ATTR, epochs)
+            return value
 
         bar = tqdm(total=budget, initial=min(done, budget), desc=f"tuning {config.name}",
                    unit="trial", disable=not progress)
@@ -228,8 +273,8 @@ def run_study(config, study_dir: str | Path, trials: Optional[int] = None,
 
 
 def _write_results(study, study_dir: Path, metric: str, tables) -> StudyResult:
-    """The best trial retrained as a full run (``best_run/``, exportable) and
-    scored once on the test split; best.yaml / best.json / summary / plots."""
+    """The best trial refitted on the whole training part as a full run
+    (``best_run/``, exportable) and scored once on the test split; best.yaml / best.json / summary / plots."""
     import optuna
 
     from trainer.config import dump_config, parse_config
@@ -239,7 +284,8 @@ def _write_results(study, study_dir: Path, metric: str, tables) -> StudyResult:
     if not complete:
         raise RuntimeError(f"{study_dir}: no trial of the study has completed yet")
     best = study.best_trial
-    best_config = parse_config(best.user_attrs[_CONFIG_ATTR], f"trial {best.number}")
+    best_config = refit_config(best.user_attrs[_CONFIG_ATTR], best.user_attrs.get(_EPOCHS_ATTR),
+                               f"trial {best.number}")
     text = dump_config(best_config)
     (study_dir / "best.yaml").write_text(
         f"# best of {len(complete)} completed trials (study {study.study_name}): "
@@ -275,7 +321,8 @@ def _write_results(study, study_dir: Path, metric: str, tables) -> StudyResult:
              f"- chosen on the **validation** split: trial {best.number}, "
              f"{metric} = {best.value:.4f}",
              "- parameters: " + ", ".join(f"`{k}` = {v}" for k, v in best.params.items()),
-             f"- retrained as `best_run/` and scored once on the **test** split: "
+             f"- refitted on train + validation as `best_run/` and scored once on the "
+             f"**test** split: "
              f"{hrs(run_metrics['model'])} (most popular: {hrs(run_metrics['popularity'])}"
              + (f"; EASE: {hrs(ease)}" if "l2" in ease else "") + ")",
              "", "![history](optimization_history.png)", "",
