@@ -1,7 +1,7 @@
 """``twotower-serve`` / ``python -m serving``: tensorflow_model_server's flags.
 
-Runs until SIGTERM or SIGINT, then stops accepting, finishes in-flight
-requests and exits 0.
+Runs until SIGTERM or SIGINT, then drains (readiness false, ports closed,
+in-flight calls finished within ``--shutdown_grace_seconds``) and exits 0.
 """
 import argparse
 import logging
@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event_loop", choices=EVENT_LOOPS, default="auto",
                    help="event loop of the gRPC and REST front ends: uvloop (about a third "
                         "less CPU per request), asyncio, or auto = uvloop when installed")
+    p.add_argument("--max_num_load_retries", type=int, default=5,
+                   help="times a failed version load is retried, e.g. a version whose "
+                        "variables/ was still being copied (default 5, as TF Serving)")
+    p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000,
+                   help="microseconds between load retries (default 60000000 = 1 min)")
+    p.add_argument("--serve_latest_good_version", type=_bool, nargs="?", const=True,
+                   default=False,
+                   help="the version policy skips versions that failed to load, so a "
+                        "corrupt newest version leaves the latest good one serving, also "
+                        "at startup (default false: TF Serving refuses to start)")
+    p.add_argument("--shutdown_grace_seconds", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, time in-flight calls get to finish after the "
+                        "ports close (default 10)")
     p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
     return p
 
@@ -81,6 +94,11 @@ def options_from_args(args):
         model_config = config_io.single_model_config(args.model_name, args.model_base_path)
     else:
         raise SystemExit("twotower-serve: give --model_base_path or --model_config_file")
+    if args.max_num_load_retries < 0 or args.load_retry_interval_micros < 0:
+        raise SystemExit("twotower-serve: --max_num_load_retries and "
+                         "--load_retry_interval_micros must be >= 0")
+    if args.shutdown_grace_seconds < 0:
+        raise SystemExit("twotower-serve: --shutdown_grace_seconds must be >= 0")
     if args.batching_parameters_file and not args.enable_batching:
         raise SystemExit("twotower-serve: server_options.batching_parameters_file is set "
                          "without setting server_options.enable_batching to true.")
@@ -100,7 +118,11 @@ def options_from_args(args):
         grpc_max_threads=args.grpc_max_threads,
         intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         inter_op_parallelism=args.tensorflow_inter_op_parallelism,
-        event_loop=args.event_loop)
+        event_loop=args.event_loop,
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_micros=args.load_retry_interval_micros,
+        serve_latest_good_version=args.serve_latest_good_version,
+        shutdown_grace_seconds=args.shutdown_grace_seconds)
 
 
 def main(argv=None) -> int:

@@ -147,8 +147,10 @@ class RestServer(LoopThreadServer):
     thread_name = "rest-server"
 
     def __init__(self, handler: RestHandler, host: str, port: int, max_body_bytes: int,
-                 workers: int = 16, event_loop: str = "auto"):
+                 workers: int = 16, event_loop: str = "auto",
+                 shutdown_timeout: float = 30.0):
         super().__init__(event_loop)
+        self._shutdown_timeout = shutdown_timeout   # in-flight requests' time to finish
         self._handler = handler
         self._host, self._port = host, port
         self._max_body = max_body_bytes
@@ -177,7 +179,8 @@ class RestServer(LoopThreadServer):
     async def _start(self):
         app = web.Application(client_max_size=self._max_body)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=30)
+        self._runner = web.AppRunner(app, access_log=None,
+                                   shutdown_timeout=self._shutdown_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
@@ -190,5 +193,5 @@ class RestServer(LoopThreadServer):
         if self._loop is None or self._thread is None:
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=40)
+        self._thread.join(timeout=self._shutdown_timeout + 10)
         self._pool.shutdown(wait=True)
