@@ -203,7 +203,8 @@ class ServableManager:
             for entry in live:
                 if self._stop.is_set():
                     return
-                if not rescan or self._rescan(entry):
+                # no retries either while the base path cannot be read
+                if self._rescan(entry) if rescan else entry.base_path_error is None:
                     self._apply(entry)
             with self._lock:
                 leaving = self._retired + [e for e in self._models.values() if e.removed]
@@ -415,7 +416,7 @@ class ServableManager:
 
     def unload_all(self) -> None:
         with self._lock:
-            entries = list(self._models.values())
+            entries = self._retired + list(self._models.values())
         for entry in entries:   # shutting down: no collection needed
             self._unload(entry, set(entry.versions), reclaim=False)
 
