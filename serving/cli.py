@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Optional, Sequence
 
 from serving import config as config_io
 from serving.batching import BatchingOptions
@@ -125,7 +126,7 @@ def options_from_args(args):
         shutdown_grace_seconds=args.shutdown_grace_seconds)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -65,7 +65,7 @@ class VersionStatus:
     path: str = ""
     state: int = State.START
     error: Optional[ServingError] = None   # why it ended (END after a failed load)
-    servable: object = None
+    servable: Optional[object] = None   # a loaded Servable
     unloaded: bool = False                 # END because it was unloaded, not because it failed
     failed_attempts: int = 0
     retry_at: Optional[float] = None       # time.monotonic() of the next load attempt

@@ -36,12 +36,12 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8500
     rest_api_port: int = 8501
-    model_server_config: object = None       # ModelServerConfig
+    model_server_config: Optional[object] = None   # ModelServerConfig
     model_config_file: str = ""
     model_config_file_poll_wait_seconds: float = 0
     file_system_poll_wait_seconds: float = 1
-    batching_options: BatchingOptions = None  # None = batching off
-    monitoring_config: object = None
+    batching_options: Optional[BatchingOptions] = None   # None = batching off
+    monitoring_config: Optional[object] = None   # MonitoringConfig
     enable_model_warmup: bool = True
     max_request_bytes: int = 64 << 20
     grpc_max_threads: int = 32
