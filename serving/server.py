@@ -184,12 +184,11 @@ class ModelServer:
         deadline = time.monotonic() + grace
         self._stop_config_poll.set()
         self.manager.begin_drain()
+        service = self._prediction_service
+        if service is not None:
+            service.begin_drain()
         if self._grpc is not None:
-            in_flight = None
-            if self._prediction_service is not None:
-                self._prediction_service.begin_drain()
-                in_flight = lambda: self._prediction_service.predicts_in_flight  # noqa: E731
-            self._grpc.begin_stop(grace, in_flight)
+            self._grpc.begin_stop(grace, service and (lambda: service.predicts_in_flight))
             self._grpc.wait_settled(grace)
         if self._rest is not None:
             self._rest.stop()
