@@ -150,17 +150,10 @@ def corrupt_newest(templates, tmp_path):
     return base
 
 
-def test_corrupt_newest_version_refuses_startup_by_default(corrupt_newest, tmp_path):
-    server = Server(["--model_name=m", f"--model_base_path={corrupt_newest}",
-                     "--max_num_load_retries=0"], str(tmp_path / "server.log"))
-    assert server.proc.wait(timeout=120) == 1
-    assert ("Failed to start server. Error: UNKNOWN: 1 servable(s) did not become "
-            "available: {{{name: m version: 2} due to error: ") in server.log()
-
-
 def test_serve_latest_good_version_starts_on_the_older_version(start_server, corrupt_newest):
     """The newest version keeps its retries (default 5, every minute) in the
-    background; the server starts at once on version 1."""
+    background; the server starts at once on version 1.  (Without the flag the
+    server refuses to start: test_serving_lifecycle.py.)"""
     server = start_server("--model_name=m", f"--model_base_path={corrupt_newest}",
                           "--serve_latest_good_version")
     predict, models = server.stubs()

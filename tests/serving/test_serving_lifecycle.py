@@ -175,15 +175,20 @@ def test_model_config_file_polling(start_server, templates, tmp_path):
         predict.Predict(predict_request("a"), timeout=5).outputs["scores"])).shape == (1, 3)
 
 
-def test_startup_fails_when_a_model_cannot_load(tmp_path):
-    """As tensorflow_model_server: a configured model whose versions all fail
-    to load stops the server from starting, with upstream's message."""
-    corrupt = tmp_path / "m" / "1"
-    corrupt.mkdir(parents=True)
+def test_startup_fails_when_a_model_cannot_load(templates, tmp_path):
+    """As tensorflow_model_server: a configured model whose aspired versions all
+    fail to load stops the server from starting, with upstream's message --
+    also when an older, good version is on disk (latest {1} aspires only the
+    newest; --serve_latest_good_version, tested in test_serving_faults.py,
+    serves the older one instead)."""
+    base = tmp_path / "m"
+    install_version(templates[1], str(base), 1)
+    corrupt = base / "2"
+    corrupt.mkdir()
     (corrupt / "saved_model.pb").write_bytes(b"this is not a SavedModel")
-    server = Server(["--model_name=m", f"--model_base_path={corrupt.parent}",
+    server = Server(["--model_name=m", f"--model_base_path={base}",
                      "--max_num_load_retries=0"],
                     str(tmp_path / "server.log"))
     assert server.proc.wait(timeout=120) == 1
     assert ("Failed to start server. Error: UNKNOWN: 1 servable(s) did not become "
-            "available: {{{name: m version: 1} due to error: ") in server.log()
+            "available: {{{name: m version: 2} due to error: ") in server.log()
