@@ -1,13 +1,14 @@
 """``twotower-serve`` / ``python -m serving``: tensorflow_model_server's flags.
 
-Runs until SIGTERM or SIGINT, then stops accepting, finishes in-flight
-requests and exits 0.
+Runs until SIGTERM or SIGINT, then drains (readiness false, ports closed,
+in-flight calls finished within ``--shutdown_grace_seconds``) and exits 0.
 """
 import argparse
 import logging
 import signal
 import sys
 import threading
+from typing import Optional, Sequence
 
 from serving import config as config_io
 from serving.batching import BatchingOptions
@@ -75,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event_loop", choices=EVENT_LOOPS, default="auto",
                    help="event loop of the gRPC and REST front ends: uvloop (about a third "
                         "less CPU per request), asyncio, or auto = uvloop when installed")
+    p.add_argument("--max_num_load_retries", type=int, default=5,
+                   help="times a failed version load is retried, e.g. a version whose "
+                        "variables/ was still being copied (default 5, as TF Serving)")
+    p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000,
+                   help="microseconds between load retries (default 60000000 = 1 min)")
+    p.add_argument("--serve_latest_good_version", type=_bool, nargs="?", const=True,
+                   default=False,
+                   help="the version policy skips versions that failed to load, so a "
+                        "corrupt newest version leaves the latest good one serving, also "
+                        "at startup (default false: TF Serving refuses to start)")
+    p.add_argument("--shutdown_grace_seconds", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, time in-flight calls get to finish after the "
+                        "ports close (default 10)")
     p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
     return p
 
@@ -88,6 +102,11 @@ def options_from_args(args):
         model_config = config_io.single_model_config(args.model_name, args.model_base_path)
     else:
         raise SystemExit("twotower-serve: give --model_base_path or --model_config_file")
+    if args.max_num_load_retries < 0 or args.load_retry_interval_micros < 0:
+        raise SystemExit("twotower-serve: --max_num_load_retries and "
+                         "--load_retry_interval_micros must be >= 0")
+    if args.shutdown_grace_seconds < 0:
+        raise SystemExit("twotower-serve: --shutdown_grace_seconds must be >= 0")
     if args.batching_parameters_file and not args.enable_batching:
         raise SystemExit("twotower-serve: server_options.batching_parameters_file is set "
                          "without setting server_options.enable_batching to true.")
@@ -112,10 +131,14 @@ def options_from_args(args):
         grpc_max_threads=args.grpc_max_threads,
         intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         inter_op_parallelism=args.tensorflow_inter_op_parallelism,
-        event_loop=args.event_loop)
+        event_loop=args.event_loop,
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_micros=args.load_retry_interval_micros,
+        serve_latest_good_version=args.serve_latest_good_version,
+        shutdown_grace_seconds=args.shutdown_grace_seconds)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

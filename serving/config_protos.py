@@ -8,13 +8,15 @@ and ``tensorflow.serving.BatchingParameters`` from descriptors with the same
 package, names and field numbers as the upstream ``.proto`` files, so the same
 text protos parse.
 """
+from typing import Optional
+
 from google.protobuf import descriptor_pb2, descriptor_pool, wrappers_pb2
 from google.protobuf import message_factory
 
 _F = descriptor_pb2.FieldDescriptorProto
 
 
-def _field(msg, name, number, ftype, type_name=None, repeated=False):
+def _field(msg, name, number, ftype, type_name: Optional[str] = None, repeated=False):
     f = msg.field.add(name=name, number=number, type=ftype,
                       label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL)
     if type_name:

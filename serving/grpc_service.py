@@ -33,6 +33,16 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._runner = runner
         self._metrics = metrics
         self._predicts = 0   # Predict calls in flight (touched on the loop only)
+        self._draining = False
+
+    def begin_drain(self) -> None:
+        """Shutting down: no more session runs on the loop, which must stay free
+        to pick up the calls gRPC has already received."""
+        self._draining = True
+
+    @property
+    def predicts_in_flight(self) -> int:
+        return self._predicts
 
     async def _call(self, api: str, request, context, coro_fn, record: bool = True):
         """Runs ``coro_fn(request)``; errors become their status.  ``record``:
@@ -64,7 +74,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         # to a runner thread.  Anything larger runs on a runner thread.
         self._predicts += 1
         try:
-            inline = self._predicts == 1
+            inline = self._predicts == 1 and not self._draining
             return await self._call(
                 "Predict", request, context,
                 lambda r: predictor.predict_async(r, deadline, runner, inline))
@@ -129,8 +139,11 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         await context.abort(err.code, err.message)
 
 
-def add_services(server, predictor, manager, reload_fn, runner, metrics=None) -> None:
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(predictor, runner, metrics), server)
+def add_services(server, predictor, manager, reload_fn, runner,
+                 metrics=None) -> PredictionService:
+    """Registers both services; returns the PredictionService (drained on shutdown)."""
+    prediction = PredictionService(predictor, runner, metrics)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelService(manager, reload_fn, runner), server)
+    return prediction

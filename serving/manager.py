@@ -3,10 +3,27 @@
 For every model, a poll (every ``file_system_poll_wait_seconds``) lists the
 version directories, applies the version policy, loads and warms up new
 aspired versions, and only then unloads versions no longer aspired
-(availability-preserving).  A version that fails to load ends in state END
-with its error and never replaces a working one; it is not retried until its
-directory disappears.  Requests get a servable through :meth:`acquire`, which
-the unload path waits on, so no request fails during a swap.
+(availability-preserving).  Requests get a servable through :meth:`acquire`,
+which the unload path waits on, so no request fails during a swap.
+
+Faults on disk never unload a working version:
+
+- a base path that cannot be listed (deleted, renamed away, unmounted, a
+  symlink mid-flip) keeps its loaded versions serving and is logged as TF
+  Serving logs it ("Could not find base path ..."), until it is back or the
+  config changes;
+- a base path that lists no version must do so on two polls in a row before
+  its versions unload (a directory being deleted passes through that state);
+- a version that fails to load is retried ``max_retries`` times, every
+  ``interval_seconds`` (TF Serving's ``--max_num_load_retries`` and
+  ``--load_retry_interval_micros``; state LOADING meanwhile), so a version
+  whose ``variables/`` is still being copied becomes AVAILABLE once complete;
+  after the last attempt it ends in END with its error and never replaces a
+  working version (it is tried again only if its directory disappears and
+  comes back);
+- with ``serve_latest_good_version``, the version policy skips versions whose
+  last load failed, so a corrupt newest version leaves the latest good one
+  serving (also at startup, where TF Serving refuses to start).
 
 Loaded models are moved out of the garbage collector's reach (``gc.freeze``):
 with TensorFlow and a model loaded the heap holds ~300k objects, and a full
@@ -14,11 +31,14 @@ collection walks them all under the GIL (~0.2 s here), stalling every request.
 """
 import gc
 import logging
+import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set
 
+import grpc
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -29,40 +49,75 @@ log = logging.getLogger(__name__)
 
 State = get_model_status_pb2.ModelVersionStatus.State
 TENSORFLOW_TYPE = model_server_config_pb2.TENSORFLOW   # the deprecated model_type
+SHUTTING_DOWN = "Server is shutting down"
+
+
+@dataclass
+class LoadRetryOptions:
+    """TF Serving's ``--max_num_load_retries`` (5) and ``--load_retry_interval_micros`` (1 min)."""
+    max_retries: int = 5
+    interval_seconds: float = 60.0
 
 
 @dataclass
 class VersionStatus:
     version: int
+    path: str = ""
     state: int = State.START
-    error: ServingError = None
-    servable: object = None
-    unloaded: bool = False   # END because it was unloaded, not because it failed
+    error: Optional[ServingError] = None   # why it ended (END after a failed load)
+    servable: Optional[object] = None   # a loaded Servable
+    unloaded: bool = False                 # END because it was unloaded, not because it failed
+    failed_attempts: int = 0
+    retry_at: Optional[float] = None       # time.monotonic() of the next load attempt
+    last_error: Optional[ServingError] = None
+
+    @property
+    def failed(self) -> bool:
+        """Its last load attempt failed (ended, or waiting for a retry)."""
+        return self.error is not None or self.retry_at is not None
 
 
 @dataclass
 class ModelEntry:
     config: object                          # tensorflow.serving.ModelConfig
-    versions: dict = field(default_factory=dict)
-    removed: bool = False
+    versions: Dict[int, VersionStatus] = field(default_factory=dict)
+    removed: bool = False                   # left out of the config: unloading
+    on_disk: Dict[int, str] = field(default_factory=dict)   # the last listing that counted
+    base_path_error: Optional[str] = None   # why the base path cannot be listed now
+    empty_once: bool = False                # the last listing was empty (not acted on yet)
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.config.name
+
+    @property
+    def policy(self):
+        c = self.config
+        return c.model_version_policy if c.HasField("model_version_policy") else None
+
+    def serving(self) -> bool:
+        return any(s.state == State.AVAILABLE for s in self.versions.values())
 
 
 class ServableManager:
     """Loads, serves and unloads model versions for a ModelConfigList."""
 
-    def __init__(self, load_fn, poll_seconds: float = 1.0):
+    def __init__(self, load_fn: Callable, poll_seconds: float = 1.0,
+                 retry: Optional[LoadRetryOptions] = None,
+                 serve_latest_good_version: bool = False):
         """``load_fn(name, version, path)`` returns a loaded, warmed-up servable."""
         self._load_fn = load_fn
         self._poll_seconds = poll_seconds
+        self._retry = retry or LoadRetryOptions()
+        self._serve_latest_good = serve_latest_good_version
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._models = {}
+        self._models: Dict[str, ModelEntry] = {}
+        self._retired: List[ModelEntry] = []   # replaced by a new base path: unloading
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()         # a retry was scheduled, or stop
+        self._draining = False
         self._thread = None
 
     # -- configuration -------------------------------------------------------
@@ -74,26 +129,20 @@ class ServableManager:
         "tensorflow" platform.
         """
         validate_config(model_config_list)
-        names = [c.name for c in model_config_list.config]
+        names = {c.name for c in model_config_list.config}
         with self._lock:
             for c in model_config_list.config:
                 entry = self._models.get(c.name)
                 if entry is None or entry.removed or entry.config.base_path != c.base_path:
                     if entry is not None and not entry.removed:
-                        self._retire(entry)
+                        self._retired.append(entry)
                     self._models[c.name] = ModelEntry(config=c)
                 else:
                     entry.config = c
-            for name, entry in list(self._models.items()):
-                if name not in names and not entry.removed:
+            for name, entry in self._models.items():
+                if name not in names:
                     entry.removed = True
             self._changed.notify_all()
-
-    def _retire(self, entry: ModelEntry) -> None:
-        """Unloads every version of an entry replaced by a new base path."""
-        entry.removed = True
-        old = ModelEntry(config=entry.config, versions=entry.versions, removed=True)
-        self._models[f"\0retired:{entry.name}:{id(old)}"] = old
 
     def model_names(self) -> list:
         with self._lock:
@@ -107,94 +156,189 @@ class ServableManager:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def _next_retry(self) -> float:
+        with self._lock:
+            return min((st.retry_at for e in self._models.values() if not e.removed
+                        for st in e.versions.values() if st.retry_at is not None),
+                       default=math.inf)
+
     def _poll_loop(self) -> None:
-        # poll_seconds <= 0: base paths are read once (at start and on config reloads)
-        while self._poll_seconds > 0 and not self._stop.wait(self._poll_seconds):
+        # poll_seconds <= 0: base paths are read once (at start and on config
+        # reloads); due load retries still run, on the last listing
+        poll = self._poll_seconds if self._poll_seconds > 0 else math.inf
+        next_poll = time.monotonic() + poll
+        while not self._stop.is_set():
+            now = time.monotonic()
+            retry_at = self._next_retry()
+            if min(next_poll, retry_at) > now:
+                wait = min(next_poll, retry_at) - now
+                self._wake.wait(None if math.isinf(wait) else wait)
+                self._wake.clear()
+                continue
             try:
-                self.poll_once()
+                if next_poll <= now:
+                    next_poll = now + poll
+                    self.poll_once()
+                else:
+                    self.retry_due()
             except Exception:  # never let the poller die
                 log.exception("model poll failed")
 
     def poll_once(self) -> None:
-        """One pass over all models: load aspired versions, unload the rest."""
+        """One pass over all models: list, load aspired versions, unload the rest."""
+        self._pass(rescan=True)
+
+    def retry_due(self) -> None:
+        """Runs the load retries that are due, on each model's last listing."""
+        self._pass(rescan=False)
+
+    def _pass(self, rescan: bool) -> None:
         with self._poll_lock:
             with self._lock:
-                entries = list(self._models.items())
-            for key, entry in entries:
+                live = [e for e in self._models.values() if not e.removed]
+            for entry in live:
                 if self._stop.is_set():
                     return
-                if entry.removed:
-                    self._unload(entry, set(v for v in entry.versions))
-                    with self._lock:
-                        if not any(s.servable for s in entry.versions.values()) and \
-                                key.startswith("\0retired:"):
-                            self._models.pop(key, None)
-                    continue
-                self._sync(entry)
+                # no retries either while the base path cannot be read
+                if self._rescan(entry) if rescan else entry.base_path_error is None:
+                    self._apply(entry)
+            with self._lock:
+                leaving = self._retired + [e for e in self._models.values() if e.removed]
+            for entry in leaving:
+                self._unload(entry, set(entry.versions))
+            with self._lock:
+                self._retired = [e for e in self._retired
+                                 if any(s.servable for s in e.versions.values())]
 
-    def _sync(self, entry: ModelEntry) -> None:
-        on_disk = list_versions(entry.config.base_path)
-        if not on_disk and not entry.versions:
-            log.warning("No versions of servable %s found under base path %s",
-                        entry.name, entry.config.base_path)
-        policy = entry.config.model_version_policy \
-            if entry.config.HasField("model_version_policy") else None
-        aspired = aspired_versions(policy, on_disk)
+    def _rescan(self, entry: ModelEntry) -> bool:
+        """Lists the base path into ``entry.on_disk``; False: keep things as they are."""
+        base = entry.config.base_path
+        try:
+            on_disk = list_versions(base)
+        except OSError as exc:
+            if entry.base_path_error is None:
+                loaded = sorted(v for v, s in entry.versions.items()
+                                if s.state == State.AVAILABLE)
+                log.error("Could not find base path %s for servable %s (%s); keeping "
+                          "its loaded version(s) %s serving until it is back or the "
+                          "config changes", base, entry.name, exc.strerror or exc,
+                          loaded or "(none)")
+            entry.base_path_error = str(exc)
+            return False
+        if entry.base_path_error is not None:
+            log.info("Base path %s for servable %s can be read again", base, entry.name)
+            entry.base_path_error = None
+        if not on_disk:
+            if entry.serving() and not entry.empty_once:
+                entry.empty_once = True   # a directory being deleted looks like this
+                log.warning("No versions of servable %s found under base path %s; its "
+                            "loaded versions unload if the next poll finds none either",
+                            entry.name, base)
+                return False
+            if not entry.versions:
+                log.warning("No versions of servable %s found under base path %s",
+                            entry.name, base)
+        entry.empty_once = False
+        entry.on_disk = on_disk
+        return True
+
+    def _wanted(self, entry: ModelEntry) -> tuple:
+        """(aspired, kept): the versions the policy asks for, and those to keep
+        loaded (with serve_latest_good_version, also the policy's choice among
+        versions whose last load did not fail)."""
+        aspired = aspired_versions(entry.policy, entry.on_disk)
+        if not self._serve_latest_good:
+            return aspired, aspired
+        good = {v: p for v, p in entry.on_disk.items()
+                if v not in entry.versions or not entry.versions[v].failed}
+        return aspired, aspired | aspired_versions(entry.policy, good)
+
+    def _apply(self, entry: ModelEntry) -> None:
+        """Loads what the last listing asks for (and due retries), then unloads the rest."""
+        while True:   # a failed load can make an older version wanted: go again
+            with self._lock:
+                aspired, kept = self._wanted(entry)
+                now = time.monotonic()
+                to_load = []
+                for v in sorted(kept, reverse=True):
+                    st = entry.versions.get(v)
+                    if st is None or (st.state == State.END and st.unloaded):
+                        entry.versions[v] = VersionStatus(v, entry.on_disk[v])
+                        to_load.append(v)
+                    elif st.retry_at is not None and st.retry_at <= now and v in aspired:
+                        to_load.append(v)
+                for v, st in list(entry.versions.items()):
+                    if st.failed and v not in entry.on_disk:
+                        del entry.versions[v]   # may be tried again if it comes back
+                    elif st.retry_at is not None and v not in aspired:
+                        self._give_up(entry, st, "it is no longer aspired")
+            if not to_load:
+                break
+            for v in to_load:
+                if self._stop.is_set():
+                    return
+                self._load(entry, v)
         with self._lock:
-            to_load = []
-            for v in sorted(aspired, reverse=True):
-                st = entry.versions.get(v)
-                if st is None or (st.state == State.END and st.unloaded):
-                    entry.versions[v] = VersionStatus(v, State.START)
-                    to_load.append(v)
-            # a failed version whose directory went away may be retried later
-            for v, st in list(entry.versions.items()):
-                if st.state == State.END and st.error is not None and v not in on_disk:
-                    del entry.versions[v]
-        for v in to_load:
-            if self._stop.is_set():
-                return
-            self._load(entry, v, on_disk[v])
-        with self._lock:
-            serving_aspired = any(
-                entry.versions[v].state == State.AVAILABLE
-                for v in aspired if v in entry.versions)
+            aspired, kept = self._wanted(entry)
             loaded = {v for v, st in entry.versions.items() if st.state == State.AVAILABLE}
-            stale = loaded - aspired
-            if not (serving_aspired or not aspired):
+            stale = loaded - kept
+            if kept and not loaded & kept:
                 stale = set()   # keep the old version until a new one is serving
         if stale:
             self._unload(entry, stale)
 
-    def _load(self, entry: ModelEntry, version: int, path: str) -> None:
+    def _give_up(self, entry: ModelEntry, st: VersionStatus, why: str) -> None:
+        st.state, st.error, st.retry_at = State.END, st.last_error, None
+        log.error("Not retrying servable version {name: %s version: %d}: %s",
+                  entry.name, st.version, why)
+        self._changed.notify_all()
+
+    def _load(self, entry: ModelEntry, version: int) -> None:
         with self._lock:
-            entry.versions[version].state = State.LOADING
+            st = entry.versions[version]
+            st.state, st.retry_at = State.LOADING, None
             self._changed.notify_all()
         log.info("Loading servable version {name: %s version: %d}", entry.name, version)
         started = time.monotonic()
         try:
-            servable = self._load_fn(entry.name, version, path)
-        except Exception as exc:  # noqa: BLE001 - any failure ends the version
-            err = from_exception(exc)
-            log.error("Loading servable version {name: %s version: %d} failed: %s",
-                      entry.name, version, err.message)
-            with self._lock:
-                st = entry.versions[version]
-                st.state, st.error = State.END, err
-                self._changed.notify_all()
+            servable = self._load_fn(entry.name, version, st.path)
+        except Exception as exc:  # noqa: BLE001 - any failure fails this attempt
+            self._load_failed(entry, st, from_exception(exc))
             return
         gc.freeze()   # the new version's objects join the permanent generation
         with self._lock:
-            st = entry.versions[version]
-            st.servable, st.state = servable, State.AVAILABLE
+            st.servable, st.state, st.error, st.last_error = \
+                servable, State.AVAILABLE, None, None
             self._changed.notify_all()
         log.info("Successfully loaded servable version {name: %s version: %d} in %.2fs",
                  entry.name, version, time.monotonic() - started)
 
-    def _unload(self, entry: ModelEntry, versions: set, reclaim: bool = True) -> None:
+    def _load_failed(self, entry: ModelEntry, st: VersionStatus, err: ServingError) -> None:
+        """Schedules a retry (state stays LOADING, as in TF Serving's retry loop),
+        or ends the version with its error once the retries are spent."""
+        with self._lock:
+            st.failed_attempts += 1
+            st.last_error = err
+            retries = self._retry.max_retries
+            if st.failed_attempts <= retries:
+                st.retry_at = time.monotonic() + self._retry.interval_seconds
+                log.error("Loading servable version {name: %s version: %d} failed: %s; "
+                          "retrying in %gs (retry %d of %d)", entry.name, st.version,
+                          err.message, self._retry.interval_seconds, st.failed_attempts,
+                          retries)
+                self._wake.set()
+            else:
+                st.state, st.error = State.END, err
+                log.error("Loading servable version {name: %s version: %d} failed: %s%s",
+                          entry.name, st.version, err.message,
+                          f" (after {retries} retries)" if retries else "")
+            self._changed.notify_all()
+
+    def _unload(self, entry: ModelEntry, versions: Set[int], reclaim: bool = True) -> None:
         unloaded = False
         for v in sorted(versions):
             with self._lock:
@@ -218,17 +362,15 @@ class ServableManager:
     def _settled(self, entry: ModelEntry) -> bool:
         """True when a model serves a version, or every aspired load ended."""
         states = [s.state for s in entry.versions.values()]
-        if any(s == State.AVAILABLE for s in states):
+        if State.AVAILABLE in states:
             return True
-        if any(s in (State.START, State.LOADING) for s in states):
+        if State.START in states or State.LOADING in states:
             return False
-        on_disk = list_versions(entry.config.base_path)
-        policy = entry.config.model_version_policy \
-            if entry.config.HasField("model_version_policy") else None
-        aspired = aspired_versions(policy, on_disk)
+        aspired, _ = self._wanted(entry)
         return all(v in entry.versions for v in aspired)
 
-    def wait_until_settled(self, names=None, timeout: float = None) -> bool:
+    def wait_until_settled(self, names: Optional[set] = None,
+                           timeout: Optional[float] = None) -> bool:
         """Blocks until the named models (default all) are AVAILABLE or failed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -260,23 +402,31 @@ class ServableManager:
                                    f"{entry.config.base_path}")
                     continue
                 version = max(entry.versions)
-                err = entry.versions[version].error
+                st = entry.versions[version]
+                err = st.error or st.last_error
                 reason = f" due to error: {err.code_name}: {err.message}" if err else ""
                 out.append(f"{{name: {name} version: {version}}}{reason}")
         return out
 
+    def begin_drain(self) -> None:
+        """The server is shutting down: model status answers UNAVAILABLE from
+        now on (readiness probes fail) while requests are still served."""
+        with self._lock:
+            self._draining = True
+
     def unload_all(self) -> None:
         with self._lock:
-            entries = list(self._models.values())
+            entries = self._retired + list(self._models.values())
         for entry in entries:   # shutting down: no collection needed
             self._unload(entry, set(entry.versions), reclaim=False)
 
     # -- request path --------------------------------------------------------
-    def _entry(self, name: str) -> ModelEntry:
+    def _entry(self, name: str) -> Optional[ModelEntry]:
         entry = self._models.get(name)
         return None if entry is None or entry.removed else entry
 
-    def acquire(self, name: str, version: int = None, label: str = None):
+    def acquire(self, name: str, version: Optional[int] = None,
+                label: Optional[str] = None):
         """The servable a ModelSpec asks for, held until :meth:`release`."""
         if not name:
             raise invalid_argument("ModelSpec has no name specified.")
@@ -306,13 +456,16 @@ class ServableManager:
     def release(servable) -> None:
         servable.release()
 
-    def status(self, name: str, version: int = None, label: str = None) -> list:
+    def status(self, name: str, version: Optional[int] = None,
+               label: Optional[str] = None) -> list:
         """[(version, state, ServingError|None)], newest first, like GetModelStatus.
 
         As in TF Serving, only a version narrows the answer: a version label is
         ignored (every version is listed), and an empty name is NOT_FOUND.
         """
         with self._lock:
+            if self._draining:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             entry = self._models.get(name)
             versions = entry.versions if entry is not None else {}
             if version is not None:

@@ -200,8 +200,9 @@ class RestServer(LoopThreadServer):
 
     def __init__(self, handler: RestHandler, host: str, port: int,
                  limits: Optional[RequestLimits] = None, workers: int = 16,
-                 event_loop: str = "auto"):
+                 event_loop: str = "auto", shutdown_timeout: float = 30.0):
         super().__init__(event_loop)
+        self._shutdown_timeout = shutdown_timeout   # in-flight requests' time to finish
         self._handler = handler
         self._host, self._port = host, port
         self._limits = limits or RequestLimits()
@@ -240,7 +241,7 @@ class RestServer(LoopThreadServer):
 
     async def _start(self):
         server = _Server(self._dispatch, access_log=None)
-        self._runner = web.ServerRunner(server, shutdown_timeout=30)
+        self._runner = web.ServerRunner(server, shutdown_timeout=self._shutdown_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
@@ -253,5 +254,5 @@ class RestServer(LoopThreadServer):
         if self._loop is None or self._thread is None:
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=40)
+        self._thread.join(timeout=self._shutdown_timeout + 10)
         self._workers.stop()

@@ -9,6 +9,7 @@ signatures by tensor name (through Session callables).  ``scann`` is imported fi
 import logging
 import os
 import threading
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -53,7 +54,8 @@ def session_config(intra_op: int = 0, inter_op: int = 0) -> tf.compat.v1.ConfigP
 class Servable:
     """A loaded model version, runnable by SignatureDef alias."""
 
-    def __init__(self, name: str, version: int, path: str, config=None):
+    def __init__(self, name: str, version: int, path: str,
+                 config: Optional[tf.compat.v1.ConfigProto] = None):
         self.name = name
         self.version = version
         self.path = path

@@ -2,13 +2,17 @@
 
 ``ModelServer.start()`` applies the model config, waits for the models to
 become AVAILABLE (or fail), then opens the gRPC and REST ports; ``stop()``
-stops accepting, finishes in-flight requests and unloads everything.
+drains: readiness (model status) turns UNAVAILABLE, calls already sent are
+picked up, the ports close, in-flight calls finish within the grace period,
+and everything unloads.
 """
+import asyncio
 import logging
 import os
-import asyncio
 import threading
+import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import grpc
 
@@ -18,7 +22,7 @@ from serving.errors import ServingError
 from serving.grpc_service import add_services
 from serving.limits import RequestLimits
 from serving.loop_thread import BlockingRunner, LoopThreadServer
-from serving.manager import ServableManager
+from serving.manager import LoadRetryOptions, ServableManager
 from serving.metrics import Metrics
 from serving.predict import Predictor
 from serving.rest import RestHandler, RestServer
@@ -33,12 +37,12 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8500
     rest_api_port: int = 8501
-    model_server_config: object = None       # ModelServerConfig
+    model_server_config: Optional[object] = None   # ModelServerConfig
     model_config_file: str = ""
     model_config_file_poll_wait_seconds: float = 0
     file_system_poll_wait_seconds: float = 1
-    batching_options: BatchingOptions = None  # None = batching off
-    monitoring_config: object = None
+    batching_options: Optional[BatchingOptions] = None   # None = batching off
+    monitoring_config: Optional[object] = None   # MonitoringConfig
     enable_model_warmup: bool = True
     max_request_bytes: int = 64 << 20        # see serving.limits.RequestLimits
     max_rows_per_request: int = 10_000
@@ -46,8 +50,12 @@ class ServerOptions:
     grpc_max_threads: int = 32
     intra_op_parallelism: int = 0
     inter_op_parallelism: int = 0
-    startup_timeout_seconds: float = None
+    startup_timeout_seconds: Optional[float] = None
     event_loop: str = "auto"                  # see serving.loop_thread.new_event_loop
+    max_num_load_retries: int = 5             # TF Serving's flags of the same names
+    load_retry_interval_micros: int = 60_000_000
+    serve_latest_good_version: bool = False   # skip versions that failed to load
+    shutdown_grace_seconds: float = 10.0      # in-flight calls' time to finish on SIGTERM
 
 
 class ModelServer:
@@ -58,13 +66,18 @@ class ModelServer:
         self.metrics = Metrics()
         self._session_config = session_config(options.intra_op_parallelism,
                                               options.inter_op_parallelism)
-        self.manager = ServableManager(self._load, options.file_system_poll_wait_seconds)
+        self.manager = ServableManager(
+            self._load, options.file_system_poll_wait_seconds,
+            LoadRetryOptions(options.max_num_load_retries,
+                             options.load_retry_interval_micros / 1e6),
+            options.serve_latest_good_version)
         self.scheduler = BatchScheduler(options.batching_options, self.metrics) \
             if options.batching_options else None
         self.limits = RequestLimits(options.max_request_bytes, options.max_rows_per_request,
                                     options.max_tensor_elements)
         self.predictor = Predictor(self.manager, self.scheduler, self.limits)
         self._grpc = None
+        self._prediction_service = None
         self._runner = None
         self._rest = None
         self._config_text = None
@@ -102,11 +115,11 @@ class ModelServer:
         self._config_text = config_file_text(opts.model_config_file)
         self.manager.set_config(opts.model_server_config.model_config_list)
         self.manager.poll_once()
+        self.manager.start()   # load retries run while startup waits
         self.manager.wait_until_settled(timeout=opts.startup_timeout_seconds)
         # as TF Serving, refuse to start when a model's versions all failed to
         # load (a model with no version yet only logs a warning, see docs)
         _raise_unavailable(self.manager.unavailable(include_empty=False), "servable(s)")
-        self.manager.start()
         if opts.model_config_file and opts.model_config_file_poll_wait_seconds > 0:
             threading.Thread(target=self._poll_config_file, name="config-poller",
                              daemon=True).start()
@@ -117,9 +130,13 @@ class ModelServer:
     def _start_grpc(self) -> None:
         opts = self.options
         self._runner = BlockingRunner(opts.grpc_max_threads, name="grpc")
+
+        def add(server):
+            self._prediction_service = add_services(
+                server, self.predictor, self.manager, self.reload_config, self._runner,
+                self.metrics)
         self._grpc = AioGrpcServer(
-            lambda server: add_services(server, self.predictor, self.manager,
-                                        self.reload_config, self._runner, self.metrics),
+            add,
             f"{opts.host}:{opts.port}",
             options=[("grpc.max_receive_message_length", opts.max_request_bytes),
                      ("grpc.max_send_message_length", -1),
@@ -135,7 +152,8 @@ class ModelServer:
         handler = RestHandler(self.predictor, self.manager, self.metrics,
                               prom.path if prom is not None and prom.enable else None)
         self._rest = RestServer(handler, opts.host, opts.rest_api_port, self.limits,
-                                event_loop=opts.event_loop)
+                                event_loop=opts.event_loop,
+                                shutdown_timeout=opts.shutdown_grace_seconds)
         self._rest.start()
         log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, opts.rest_api_port)
 
@@ -154,15 +172,33 @@ class ModelServer:
             except Exception:  # noqa: BLE001 - keep serving the old config
                 log.exception("Failed to reload model config %s", opts.model_config_file)
 
-    def stop(self, grace: float = 30.0) -> None:
-        """Stops accepting, finishes in-flight requests, unloads every model."""
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Drains, then unloads every model (``grace``: default the option).
+
+        1. readiness turns false: model status (gRPC and REST) answers
+           UNAVAILABLE "Server is shutting down", so probes and load balancers
+           stop sending; requests are still served;
+        2. calls already sent are picked up: the ports stay open until no gRPC
+           Predict is in flight, or ``DRAIN_SETTLE_SECONDS`` (calls that gRPC
+           has received but not yet handed to the server would be cancelled
+           by its shutdown);
+        3. the ports close (new calls are refused) and in-flight calls get the
+           rest of ``grace`` to finish; then the models unload.
+        """
+        grace = self.options.shutdown_grace_seconds if grace is None else max(0.0, grace)
+        deadline = time.monotonic() + grace
         self._stop_config_poll.set()
+        self.manager.begin_drain()
+        service = self._prediction_service
+        if service is not None:
+            service.begin_drain()
         if self._grpc is not None:
-            self._grpc.begin_stop(grace)
+            self._grpc.begin_stop(grace, service and (lambda: service.predicts_in_flight))
+            self._grpc.wait_settled(grace)
         if self._rest is not None:
             self._rest.stop()
         if self._grpc is not None:
-            self._grpc.wait_stopped(grace)
+            self._grpc.wait_stopped(max(0.0, deadline - time.monotonic()))
         if self._runner is not None:
             self._runner.stop()
         if self.scheduler is not None:
@@ -196,6 +232,7 @@ class AioGrpcServer(LoopThreadServer):
         self._options = list(options)
         self._server = None
         self._stop_future = None
+        self._settled = threading.Event()
 
     async def _start(self):
         self._server = grpc.aio.server(options=self._options)
@@ -204,22 +241,50 @@ class AioGrpcServer(LoopThreadServer):
             raise OSError(f"could not bind gRPC port {self.address}")
         await self._server.start()
 
-    def begin_stop(self, grace: float) -> None:
-        """Stops accepting new RPCs now; in-flight ones get ``grace`` seconds."""
+    def begin_stop(self, grace: float, in_flight: Optional[Callable[[], int]] = None) -> None:
+        """Settles (see ``ModelServer.stop``), then refuses new RPCs; in-flight
+        ones get the rest of ``grace`` seconds.  ``in_flight()``: calls running."""
         if self._loop is None or self._error is not None or self._stop_future is not None:
+            self._settled.set()
             return
 
         async def stop():
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
-                await self._server.stop(grace)
+                if in_flight is not None:
+                    await settle(in_flight, min(DRAIN_SETTLE_SECONDS, grace))
+                self._settled.set()
+                await self._server.stop(max(0.0, grace - (loop.time() - started)))
             finally:
-                asyncio.get_running_loop().stop()
+                self._settled.set()
+                loop.stop()
         self._stop_future = asyncio.run_coroutine_threadsafe(stop(), self._loop)
+
+    def wait_settled(self, timeout: float) -> None:
+        self._settled.wait(timeout)
 
     def wait_stopped(self, grace: float) -> None:
         if self._thread is None:
             return
         self._thread.join(timeout=grace + 10)
+
+
+#: longest time the ports stay open after SIGTERM, for calls already sent
+DRAIN_SETTLE_SECONDS = 1.0
+_SETTLE_CHECK_SECONDS = 0.05
+
+
+async def settle(in_flight: Callable[[], int], limit: float) -> None:
+    """Returns once ``in_flight()`` was 0 on two checks in a row with the loop
+    free in between (so calls gRPC had queued were handed over), or after
+    ``limit`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    quiet = 0
+    while quiet < 2 and loop.time() < end:
+        await asyncio.sleep(_SETTLE_CHECK_SECONDS)
+        quiet = quiet + 1 if in_flight() == 0 else 0
 
 
 def _raise_unavailable(missing: list, what: str) -> None:

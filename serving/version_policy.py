@@ -11,11 +11,13 @@ SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
 
 def list_versions(base_path: str) -> dict:
-    """{version: directory} for every servable-looking version directory."""
-    try:
-        names = os.listdir(base_path)
-    except OSError:
-        return {}
+    """{version: directory} for every servable-looking version directory.
+
+    Raises OSError when ``base_path`` itself cannot be listed (missing, renamed
+    away, unmounted, a dangling symlink): that is not "no versions", and the
+    manager keeps what it has loaded (TF Serving: "Could not find base path").
+    """
+    names = os.listdir(base_path)
     found = {}
     for name in names:
         if not name.isdigit():

@@ -137,3 +137,16 @@ def test_k8s_deployments_and_services(name, config, probe_model):
     assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"grpc", "http"}
     image = container["image"]
     assert ("tf-serving-scann" in image) == (name == "retrieval-scann")
+
+
+@pytest.mark.parametrize("name", ["retrieval-scann", "tf-serving"])
+def test_k8s_rollout_drains(name):
+    """tensorflow_model_server ignores SIGTERM: the preStop sleep is the drain,
+    and the kubelet must not SIGKILL before it ends."""
+    pod = _k8s()[("Deployment", name)]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "/bin/sleep"
+    sleep = int(command[1])
+    assert sleep >= 10   # endpoint removal propagates, in-flight calls finish
+    assert sleep < pod["terminationGracePeriodSeconds"] <= sleep + 10

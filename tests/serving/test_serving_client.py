@@ -20,7 +20,7 @@ import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from serving import client_cli
-from serving.client import (FeatureError, Recommendation, RetrievalClient, ServingError,
+from serving.client import (FeatureError, Recommendation, RetrievalClient, ServerError,
                             TowerClient)
 from serving_harness import running_server, free_port
 
@@ -163,12 +163,12 @@ def _request_count(server):
 def test_server_errors_carry_the_code(server, users, transport):
     with RetrievalClient(target(server, transport), transport=transport, version=99,
                          retries=0) as client:
-        with pytest.raises(ServingError) as err:
+        with pytest.raises(ServerError) as err:
             client.recommend(users[0])
     assert err.value.code == "NOT_FOUND" and "Specific(retrieval, 99)" in err.value.message
     with RetrievalClient(target(server, transport), model_name="nope",
                          transport=transport, retries=0) as client:
-        with pytest.raises(ServingError, match="NOT_FOUND"):
+        with pytest.raises(ServerError, match="NOT_FOUND"):
             client.recommend(users[0])
 
 
@@ -190,7 +190,7 @@ def test_unavailable_is_retried_with_a_bounded_budget(users):
         started = time.monotonic()
         with RetrievalClient(tgt, transport=transport, retries=3, timeout_s=2,
                              backoff_s=0.05, max_backoff_s=0.2) as client:
-            with pytest.raises(ServingError) as err:
+            with pytest.raises(ServerError) as err:
                 client.recommend(users[0])
         assert err.value.code == "UNAVAILABLE", transport
         assert err.value.attempts == 4, transport
@@ -302,7 +302,7 @@ def test_grpc_unavailable_then_success(fake_grpc, users, server):
         assert_same(got, direct.recommend(users[0], k=5))
     addr, servicer = fake_grpc(fail=3)
     with RetrievalClient(addr, retries=2, backoff_s=0.02) as client:
-        with pytest.raises(ServingError, match="UNAVAILABLE: warming up") as err:
+        with pytest.raises(ServerError, match="UNAVAILABLE: warming up") as err:
             client.recommend(users[0])
     assert err.value.attempts == 3 and servicer.calls == 3
 
@@ -337,7 +337,7 @@ def test_rest_503_then_success(fake_rest, users, server):
         assert_same(got, direct.recommend(users[0], k=5))
     url, handler = fake_rest(fail=5)
     with RetrievalClient(url, transport="rest", retries=1, backoff_s=0.02) as client:
-        with pytest.raises(ServingError, match="UNAVAILABLE") as err:
+        with pytest.raises(ServerError, match="UNAVAILABLE") as err:
             client.recommend(users[0])
     assert err.value.attempts == 2 and handler.calls == 2
 
@@ -348,7 +348,7 @@ def test_deadline_is_enforced_and_not_retried(fake_grpc, fake_rest, users):
     for transport, tgt, counter in (("grpc", addr, servicer), ("rest", url, handler)):
         started = time.monotonic()
         with RetrievalClient(tgt, transport=transport, timeout_s=0.3, retries=3) as client:
-            with pytest.raises(ServingError) as err:
+            with pytest.raises(ServerError) as err:
                 client.recommend(users[0])
         assert err.value.code == "DEADLINE_EXCEEDED", transport
         assert counter.calls == 1, transport            # not retried

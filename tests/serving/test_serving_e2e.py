@@ -56,7 +56,7 @@ def server(model_base, tmp_path_factory):
     with running_server([f"--model_config_file={config_file}", "--enable_batching",
                          f"--batching_parameters_file={DEPLOY / 'batching.config'}",
                          f"--monitoring_config_file={DEPLOY / 'monitoring.config'}",
-                         "--file_system_poll_wait_seconds=0.3"],
+                         "--file_system_poll_wait_seconds=0.3", "--max_num_load_retries=0"],
                         str(tmp / "server.log")) as srv:
         yield srv
 

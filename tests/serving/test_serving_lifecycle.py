@@ -28,7 +28,7 @@ def test_hot_swap_and_failed_version(start_server, templates, tmp_path):
     base = str(tmp_path / "m")
     install_version(templates[1], base, 1)
     server = start_server("--model_name=m", f"--model_base_path={base}",
-                          "--file_system_poll_wait_seconds=0.2")
+                          "--file_system_poll_wait_seconds=0.2", "--max_num_load_retries=0")
     predict, models = server.stubs()
     assert statuses(models)[1].state == State.AVAILABLE
 
@@ -78,7 +78,7 @@ def test_failing_warmup_fails_the_load(start_server, templates, tmp_path):
     base = str(tmp_path / "m")
     install_version(templates[1], base, 1)
     server = start_server("--model_name=m", f"--model_base_path={base}",
-                          "--file_system_poll_wait_seconds=0.2")
+                          "--file_system_poll_wait_seconds=0.2", "--max_num_load_retries=0")
     predict, models = server.stubs()
     v2 = install_version(templates[1], str(tmp_path / "staging"), 2)
     write_warmup(v2, 1, broken=True)
@@ -96,7 +96,8 @@ def test_reload_config_and_sigterm(start_server, templates, tmp_path):
     base_a, base_b = str(tmp_path / "a"), str(tmp_path / "b")
     install_version(templates[1], base_a, 1)
     install_version(templates[2], base_b, 4)
-    server = start_server("--model_name=a", f"--model_base_path={base_a}")
+    server = start_server("--model_name=a", f"--model_base_path={base_a}",
+                          "--max_num_load_retries=0")
     predict, models = server.stubs()
 
     def reload(*names):
@@ -174,14 +175,20 @@ def test_model_config_file_polling(start_server, templates, tmp_path):
         predict.Predict(predict_request("a"), timeout=5).outputs["scores"])).shape == (1, 3)
 
 
-def test_startup_fails_when_a_model_cannot_load(tmp_path):
-    """As tensorflow_model_server: a configured model whose versions all fail
-    to load stops the server from starting, with upstream's message."""
-    corrupt = tmp_path / "m" / "1"
-    corrupt.mkdir(parents=True)
+def test_startup_fails_when_a_model_cannot_load(templates, tmp_path):
+    """As tensorflow_model_server: a configured model whose aspired versions all
+    fail to load stops the server from starting, with upstream's message --
+    also when an older, good version is on disk (latest {1} aspires only the
+    newest; --serve_latest_good_version, tested in test_serving_faults.py,
+    serves the older one instead)."""
+    base = tmp_path / "m"
+    install_version(templates[1], str(base), 1)
+    corrupt = base / "2"
+    corrupt.mkdir()
     (corrupt / "saved_model.pb").write_bytes(b"this is not a SavedModel")
-    server = Server(["--model_name=m", f"--model_base_path={corrupt.parent}"],
+    server = Server(["--model_name=m", f"--model_base_path={base}",
+                     "--max_num_load_retries=0"],
                     str(tmp_path / "server.log"))
     assert server.proc.wait(timeout=120) == 1
     assert ("Failed to start server. Error: UNKNOWN: 1 servable(s) did not become "
-            "available: {{{name: m version: 1} due to error: ") in server.log()
+            "available: {{{name: m version: 2} due to error: ") in server.log()

@@ -230,20 +230,22 @@ def test_signature_method_name_checked_like_tf_serving():
 def test_client_pads_seen_ids_so_tf_serving_batching_pads_with_empty():
     """TF Serving's batcher pads a request's narrower seen_item_ids with its first
     element: the client keeps "" there, so merged requests lose nothing extra."""
-    from serving.client import _pad_seen
+    from serving.client.tensors import pad_seen_ids
 
-    out = _pad_seen([["a", "b"], ["c"]])
+    out = pad_seen_ids([["a", "b"], ["c"]])
     assert out[0, 0] == b"" and set(out[0]) == {b"", b"a", b"b"}
     assert out.shape == (2, 3) and list(out[1]) == [b"c", b"", b""]
-    out = _pad_seen([["a"], ["c", "d", "e"]])      # row 0 narrower: no extra column
+    out = pad_seen_ids([["a"], ["c", "d", "e"]])      # row 0 narrower: no extra column
     assert out.shape == (2, 3) and out[0, 0] == b"" and b"a" in set(out[0])
-    assert _pad_seen([[], ["x"]])[0, 0] == b""
+    assert pad_seen_ids([[], ["x"]])[0, 0] == b""
 
 
 def test_client_converts_features_without_silent_loss():
     from tensorflow.core.framework import types_pb2
 
-    from serving.client import FeatureError, _column, _retryable
+    from serving.client import FeatureError
+    from serving.client.tensors import feature_column as _column
+    from serving.client.transport import retryable as _retryable
 
     assert _column("n", [31.0, "4"], types_pb2.DT_INT64).tolist() == [31, 4]
     with pytest.raises(FeatureError, match="feature 'n' expects DT_INT64, got 31.7"):
