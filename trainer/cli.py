@@ -44,12 +44,7 @@ def main(argv=None) -> int:
     from trainer.data import DataError
 
     try:
-        config = load_config(args.config, args.override)
-        if args.data_path:
-            if not hasattr(config.data, "path"):
-                raise ConfigError(f"--data-path given but data.kind={config.data.kind} has "
-                                  "no path")
-            config.data.path = str(Path(args.data_path).resolve())
+        config = load_config(args.config, args.override, args.data_path)
         if args.epochs:
             config.training.epochs = args.epochs
         from trainer.train import train

@@ -488,12 +488,14 @@ def parse_config(raw: dict, source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
 
 
-def load_config(path: str | Path, overrides: Sequence[str | Path] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: Sequence[str | Path] = (),
+                data_path: Optional[str | Path] = None) -> RunConfig:
     """Read and validate a YAML config; relative data paths resolve against it.
 
     Each file in ``overrides`` (e.g. ``configs/variants/listwise.yaml``) is a
     partial config deep-merged over it in order: mappings merge key by key,
-    lists and scalars replace.
+    lists and scalars replace. ``data_path`` (a command line's ``--data-path``)
+    replaces ``data.path``.
     """
     path = Path(path)
     raw = _read_yaml(path)
@@ -501,8 +503,12 @@ def load_config(path: str | Path, overrides: Sequence[str | Path] = ()) -> RunCo
     for extra in overrides:
         raw = deep_merge(raw, _read_yaml(Path(extra)))
         sources.append(str(extra))
-    config = parse_config(raw, " + ".join(sources))
-    return _resolve_paths(config, path.parent)
+    config = _resolve_paths(parse_config(raw, " + ".join(sources)), path.parent)
+    if data_path is not None:
+        if not hasattr(config.data, "path"):
+            raise ConfigError(f"--data-path given but data.kind={config.data.kind} has no path")
+        config.data.path = str(Path(data_path).resolve())
+    return config
 
 
 def _read_yaml(path: Path) -> dict:

@@ -135,35 +135,6 @@ def _suggest(trial, space: dict) -> dict:
     return params
 
 
-def refit_config(trial_raw: dict, epochs: Optional[int], source: str):
-    """The config the winner is refitted with: every tuned knob kept, trained on
-    the whole training part (train + validation, as the test split's model
-    always is); with early stopping, for the epochs its trial ended with."""
-    from trainer.config import parse_config
-
-    out = json.loads(json.dumps(trial_raw))
-    training = out["training"]
-    if training.get("early_stopping_patience") and epochs:
-        training["epochs"] = int(epochs)
-    training.update(validation_fraction=0.0, validation_days=0.0, early_stopping_patience=0)
-    return parse_config(out, source)
-
-
-def _suggest(trial, space: dict) -> dict:
-    params = {}
-    for name, p in space.items():
-        if p.kind == "float":
-            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
-        elif p.kind == "int":
-            params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log,
-                                             step=int(p.step or 1))
-        elif p.kind == "categorical":
-            params[name] = trial.suggest_categorical(name, p.choices)
-        else:
-            params[name] = trial.suggest_categorical(name, [True, False])
-    return params
-
-
 def _fit_trial(config, tables, out: Path, prune, metric: str) -> tuple[float, int]:
     """Prepare, build and fit one trial (the test split is never scored here):
     (its validation metric, the epochs of that model). Only ``history.csv``
@@ -390,12 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        config = load_config(args.config, args.override)
-        if args.data_path:
-            if not hasattr(config.data, "path"):
-                raise ConfigError(f"--data-path given but data.kind={config.data.kind} has "
-                                  "no path")
-            config.data.path = str(Path(args.data_path).resolve())
+        config = load_config(args.config, args.override, args.data_path)
         started = time.perf_counter()
         result = run_study(config, args.output, args.trials, args.timeout_minutes,
                            progress=not args.quiet)
