@@ -12,6 +12,19 @@ import pytest  # noqa: E402
 from tiny_run_config import TINY  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_checker_cache(tmp_path_factory):
+    """One cache for the C++ SavedModel checker per test run, shared by every
+    test and by exports with ``native_check`` (through $TWOTOWER_CACHE_DIR):
+    the checker is compiled once, on first use, and never into $HOME."""
+    from export.native_loader import CACHE_ENV
+
+    cache = tmp_path_factory.mktemp("native-checker")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny trained run shared by the training, export and serving tests."""
@@ -29,3 +42,14 @@ def exported(tiny_run, tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
     result = export_run(tiny_run.output_dir, base, ExportOptions(k=20, progress=False))
     return base, result
+
+
+SLOW_FIXTURES = {"tiny_run", "exported"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the trained run (or its export) is ``slow``: training
+    it takes most of a minute, so ``-m "not slow"`` runs without it."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

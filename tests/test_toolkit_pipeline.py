@@ -183,6 +183,7 @@ def test_history_requires_the_user_tower():
                           "features": {"user": IDS["user"] + [
                               {"name": "history", "type": "history", "dropout": 0.2}]}}),
 ])
+@pytest.mark.slow
 def test_every_objective_trains_and_exports(kind, extra, tmp_path, tables):
     over = copy.deepcopy(extra)
     over.setdefault("objective", {})["kind"] = kind

@@ -43,6 +43,7 @@ class _StopAfter(__import__("tensorflow").keras.callbacks.Callback):
             raise _Interrupt()
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes(tmp_path):
     config = parse_config({**TINY, "data": {**TINY["data"], "num_users": 150,
                                             "num_items": 80},
@@ -58,6 +59,7 @@ def test_interrupted_training_resumes(tmp_path):
     assert (tmp_path / "checkpoints" / "epoch-003.index").exists()
 
 
+@pytest.mark.slow
 def test_validation_metric_and_early_stopping(tmp_path):
     config = parse_config({**TINY, "data": {**TINY["data"], "num_users": 150,
                                             "num_items": 80},
