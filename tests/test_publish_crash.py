@@ -3,11 +3,12 @@
 A child process publishes version 2 of four models with the real
 export.versioning code; its ``os.rename`` stops before the N-th rename (the
 publish's own renames, the journal uses ``os.replace``), touches a sentinel
-and waits there to be killed with a real SIGKILL. The next export's lock
+and waits there to be killed with a real SIGKILL (tests/publish_child.py). The next export's lock
 acquisition must leave every model on the same version.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,57 +19,20 @@ import pytest
 
 from export.versioning import (JOURNAL_FILE, STAGING_PREFIX, StagedVersion, export_lock,
                                existing_versions, finish_interrupted_publish)
+from publish_child import MODELS, publish as _publish
 
-REPO = Path(__file__).resolve().parent.parent
-MODELS = ["query_tower", "candidate_tower", "retrieval", "retrieval_exact"]
-
-CHILD = r"""
-import os, sys, time
-from pathlib import Path
-from export.versioning import StagedVersion, export_lock, next_version
-
-base, stop_at, sentinel = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-renames = 0
-real_rename = os.rename
-
-def rename(src, dst):
-    global renames
-    renames += 1
-    if renames == stop_at:
-        sentinel.write_text(str(os.getpid()))
-        time.sleep(60)          # killed here; never reached in a passing test
-    real_rename(src, dst)
-
-os.rename = rename
-models = sys.argv[4].split(",")
-with export_lock(base):
-    version = next_version(base, models)
-    with StagedVersion(base, models, version) as stage:
-        for name in models:
-            d = stage.dir(name)
-            (d / "variables").mkdir()
-            (d / "saved_model.pb").write_text(f"{name} v{version}")
-        stage.publish()
-"""
-
-
-def _publish(base, version, marker="v"):
-    with StagedVersion(base, MODELS, version) as stage:
-        for name in MODELS:
-            d = stage.dir(name)
-            (d / "variables").mkdir()
-            (d / "saved_model.pb").write_text(f"{name} {marker}{version}")
-        stage.publish()
-
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 def _kill_at_rename(base, stop_at, tmp_path):
     """Run the child until it is about to do rename ``stop_at``, then SIGKILL it."""
     sentinel = tmp_path / f"at-rename-{stop_at}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(base), str(stop_at),
-                              str(sentinel), ",".join(MODELS)], env=env,
-                             stderr=subprocess.PIPE)
+        [str(REPO), str(HERE)]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, publish_child as c; c.killed_export(*sys.argv[1:])",
+         str(base), str(stop_at), str(sentinel)], env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not sentinel.exists():
@@ -114,7 +78,6 @@ def test_killed_publish_whose_staging_vanished_is_rolled_back(tmp_path):
     _kill_at_rename(base, 3, tmp_path)
     stagings = {name: json.loads((base / JOURNAL_FILE).read_text())["models"][name]
                 for name in MODELS}
-    import shutil
     shutil.rmtree(base / "retrieval" / stagings["retrieval"])   # e.g. an operator's cleanup
     assert finish_interrupted_publish(base) == "back"
     with export_lock(base):
