@@ -181,10 +181,14 @@ def finish_interrupted_publish(model_base: Path) -> Optional[str]:
         partial.unlink()
     if not journal.exists():
         return None
-    entry = json.loads(journal.read_text(encoding="utf-8"))
-    version = int(entry["version"])
-    moves = {name: (model_base / name / staging, model_base / name / str(version))
-             for name, staging in entry["models"].items()}
+    try:
+        entry = json.loads(journal.read_text(encoding="utf-8"))
+        version = int(entry["version"])
+        moves = {name: (model_base / name / staging, model_base / name / str(version))
+                 for name, staging in entry["models"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise VersionError(f"{journal}: unreadable publish journal ({err}); check the "
+                           "model directories by hand, then delete it") from None
     if all(target.is_dir() or staging.is_dir() for staging, target in moves.values()):
         action = "forward"
         for staging, target in moves.values():
@@ -197,7 +201,8 @@ def finish_interrupted_publish(model_base: Path) -> Optional[str]:
                 os.rename(target, model_base / name / f"{STAGING_PREFIX}rolled-back-"
                           f"{version}-{uuid.uuid4().hex[:8]}")
     for name in moves:
-        _fsync_dir(model_base / name)
+        if (model_base / name).is_dir():
+            _fsync_dir(model_base / name)
     _remove_journal(model_base)
     log.warning("%s: an export was interrupted while publishing version %d of %s; "
                 "rolled %s", model_base, version, ", ".join(moves), action)

@@ -171,10 +171,11 @@ def test_versions_increase_and_never_overwrite(tiny_run, exported, tmp_path):
 def test_failed_check_publishes_nothing(tiny_run, exported, tmp_path):
     base = copy_exported(exported, tmp_path / "models", ["retrieval"])
     before = sorted(p.name for p in (base / "retrieval").iterdir())
-    with pytest.raises(ExportCheckError, match="recall"):
+    params = ScannParams(**exported[1].metadata["retrieval"]["index"]["params"])
+    with pytest.raises(ExportCheckError, match="recall"):   # unreachable: every build fails
         export_run(tiny_run.output_dir, base, ExportOptions(
             k=K, models=["retrieval", "retrieval_exact"], recall_target=1.01,
-            progress=False))
+            scann_params=params, progress=False))
     assert sorted(p.name for p in (base / "retrieval").iterdir()) == before == ["1"]
     assert not (base / "retrieval_exact").exists() or not list(
         (base / "retrieval_exact").iterdir())

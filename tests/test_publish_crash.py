@@ -98,3 +98,16 @@ def test_no_journal_is_left_after_a_publish_or_a_failed_one(tmp_path):
             raise RuntimeError("check failed")
     assert not (base / JOURNAL_FILE).exists()
     assert _versions(base) == {m: [1] for m in MODELS}
+
+
+def test_an_unreadable_journal_stops_the_next_export(tmp_path):
+    from export.versioning import VersionError
+
+    base = tmp_path / "models"
+    _publish(base, 1)
+    (base / JOURNAL_FILE).write_text("{not json")
+    with pytest.raises(VersionError, match=r"\.publish-journal\.json: unreadable publish "
+                                           r"journal"):
+        with export_lock(base):
+            pass
+    assert _versions(base) == {m: [1] for m in MODELS}
