@@ -254,3 +254,12 @@ def test_header_that_looks_like_data_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="trainer.data.readers"):
         load_tables(_tables(tmp_path, _log(range(2))))
     assert caplog.text == ""
+
+
+def test_parquet_rows_are_named_by_index(tmp_path):
+    pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1", "i2"], "clicked": [1, 2]}).to_parquet(
+        tmp_path / "log.parquet")
+    cfg = GenericData(kind="tables", interactions=TableSource(path=str(tmp_path / "log.parquet")))
+    with pytest.raises(DataError, match=r"log\.parquet row 1 column 'clicked': must be 0 or 1, "
+                                        r"got 2$"):
+        load_tables(cfg)

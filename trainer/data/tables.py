@@ -69,7 +69,7 @@ def canonical_interactions(df: pd.DataFrame, source: str) -> pd.DataFrame:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise RowError(source, (row,), "clicked",
-                       f"must be 0 or 1, got {df['clicked'].iloc[row]!r}")
+                       f"must be 0 or 1, got {_shown(df['clicked'].iloc[row])}")
     out["weight"] = _numeric(df, "weight", source, default=1.0).astype(np.float32)
     return out
 
@@ -83,8 +83,13 @@ def _numeric(df: pd.DataFrame, col: str, source: str, default) -> np.ndarray:
         row = int(np.flatnonzero(bad.to_numpy())[0])
         value = df[col].iloc[row]
         raise RowError(source, (row,), col, "expected a number, got "
-                       + ("an empty field" if pd.isna(value) else repr(value)))
+                       + ("an empty field" if pd.isna(value) else _shown(value)))
     return values.to_numpy()
+
+
+def _shown(value) -> str:
+    """A file value as an error shows it: 'abc' quoted, a number plain."""
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def ensure_entity_table(table: Optional[pd.DataFrame], key: str,
