@@ -2,7 +2,7 @@
 
 Each model is saved from a tf.Module with explicit signatures, gets a warmup
 file, and is run natively; the outputs must equal the in-process results. The
-checker is compiled once per test run (conftest's `native_checker_cache`).
+checker is compiled once per test run (conftest's `native_checker`).
 """
 import json
 
@@ -22,10 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def checker(native_checker_cache):
+def checker(native_checker):
     """Cache directory holding the compiled checker (conftest's, built once per run)."""
-    native_loader.build_checker(native_checker_cache)
-    return native_checker_cache
+    return native_checker.parent
 
 
 def check(version_dir, cache, **kwargs):
