@@ -169,7 +169,8 @@ def build_checker(cache_dir: str | os.PathLike | None = None, *, force: bool = F
     The binary is cached in ``cache_dir`` (default ``$TWOTOWER_CACHE_DIR``,
     else ``$XDG_CACHE_HOME/twotower`` or ``~/.cache/twotower``) under a name
     keyed by a hash of the source, the TensorFlow version and the compile/link
-    flags, so a changed source or a new TensorFlow rebuilds it. Compiling takes about 5-10 s on 2 cores.
+    flags, so a changed source or a new TensorFlow rebuilds it. Compiling takes
+    about 20 s on 2 cores.
     Raises NativeLoadError when no compiler exists or compilation fails.
     """
     compiler = _compiler()

@@ -36,7 +36,8 @@ def test_ml100k_canonical_tables(tmp_path):
 
 def test_ml100k_unparsable_row_names_file_and_line(tmp_path):
     root = write_ml100k(tmp_path / "ml", ["1\t10\t5\t881250949", "2\tabc\t3\t891717742"])
-    with pytest.raises(DataError, match=r"u\.data:2 column 'item_id': expected a number, got 'abc'"):
+    with pytest.raises(DataError,
+                       match=r"u\.data:2 column 'item_id': expected a number, got 'abc'"):
         load_ml100k(root)
 
 
