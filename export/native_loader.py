@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = [
+    "CACHE_ENV",
     "NativeLoadError",
     "SOURCE",
     "build_checker",
@@ -124,7 +125,14 @@ def _python_link_flags() -> list[str]:
     return [f"-L{libdir}", f"-lpython{ldversion}", f"-Wl,-rpath,{libdir}", "-ldl", "-lm"]
 
 
+CACHE_ENV = "TWOTOWER_CACHE_DIR"
+
+
 def _default_cache_dir() -> Path:
+    """``$TWOTOWER_CACHE_DIR`` (the test suite points it at one directory per
+    run), else ``$XDG_CACHE_HOME/twotower`` or ``~/.cache/twotower``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "twotower"
 
@@ -158,10 +166,11 @@ def _compile_command(compiler: str, output: Path) -> list[str]:
 def build_checker(cache_dir: str | os.PathLike | None = None, *, force: bool = False) -> Path:
     """Compile the checker once and return the binary's path.
 
-    The binary is cached in ``cache_dir`` (default ``$XDG_CACHE_HOME/twotower``
-    or ``~/.cache/twotower``) under a name keyed by a hash of the source, the
-    TensorFlow version and the compile/link flags, so a changed source or a new
-    TensorFlow rebuilds it. Compiling takes about 5-10 s on 2 cores.
+    The binary is cached in ``cache_dir`` (default ``$TWOTOWER_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/twotower`` or ``~/.cache/twotower``) under a name
+    keyed by a hash of the source, the TensorFlow version and the compile/link
+    flags, so a changed source or a new TensorFlow rebuilds it. Compiling takes
+    about 20 s on 2 cores.
     Raises NativeLoadError when no compiler exists or compilation fails.
     """
     compiler = _compiler()

@@ -5,10 +5,22 @@ file system, a name TF Serving ignores because it is not an integer) and
 renamed into place only after every check passed, so a watcher never sees half
 a version and a failed export leaves nothing behind. Existing version
 directories, complete or broken, are never overwritten.
+
+All models of one export are published or none, even if the export is killed
+(SIGKILL, a crash, power loss) between its per-model renames: before the first
+rename a publish journal (``base/.publish-journal.json``: the version and each
+model's staging directory) is written and fsynced, and it is removed only
+after the last rename is durable. Whoever takes the export lock next (the next
+export) finds the journal and finishes that publish first: every staged
+directory still there is renamed into place (roll forward: the killed export
+had passed every check); if one is gone, the renamed ones are taken back
+(roll back). Until then a watcher can see the models on different versions.
 """
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import shutil
 import uuid
@@ -18,7 +30,10 @@ from typing import Optional
 
 
 LOCK_FILE = ".export.lock"   # not an integer: TF Serving ignores it
+JOURNAL_FILE = ".publish-journal.json"
 STAGING_PREFIX = ".staging-"
+
+log = logging.getLogger(__name__)
 
 
 class VersionError(ValueError):
@@ -84,9 +99,9 @@ class StagedVersion:
     def publish(self) -> dict[str, Path]:
         """Rename every staged directory into place: all of them or none.
 
-        Each rename is atomic; every target is checked again just before, and
-        a rename that fails takes the earlier ones back, so one export never
-        leaves some models at the new version and others not.
+        Each rename is atomic; every target is checked again just before, a
+        rename that fails takes the earlier ones back, and the journal written
+        first lets the next export finish a publish this process did not.
         """
         for staging in self._dirs.values():
             _fsync_tree(staging)
@@ -94,6 +109,11 @@ class StagedVersion:
             if self.target(name).exists():   # os.rename would replace an empty one
                 raise VersionError(f"{self.target(name)} appeared while this export was "
                                    "staged; nothing published")
+        if (self.model_base / JOURNAL_FILE).exists():
+            raise VersionError(f"{self.model_base / JOURNAL_FILE}: an unfinished publish; "
+                               "publish under export_lock(), which finishes it first")
+        _write_journal(self.model_base, self.version,
+                       {name: staging.name for name, staging in self._dirs.items()})
         published = {}
         try:
             for name, staging in self._dirs.items():
@@ -103,10 +123,12 @@ class StagedVersion:
             failed = self.target(name)
             for done, staging in published.items():
                 os.rename(self.target(done), staging)   # __exit__ removes them
+            _remove_journal(self.model_base)
             raise VersionError(f"publishing {failed} failed ({err}); nothing published") \
                 from err
         for name in published:
             _fsync_dir(self.target(name).parent)
+        _remove_journal(self.model_base)
         self._dirs.clear()
         return {name: self.target(name) for name in published}
 
@@ -136,13 +158,71 @@ def export_lock(model_base: Path):
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
         f.flush()
-        # holding the lock, any staging directory is a killed export's leftover
+        # holding the lock, a journal or a staging directory is a killed
+        # export's leftover: finish its publish, then drop what is left
+        finish_interrupted_publish(model_base)
         for stale in model_base.glob(f"*/{STAGING_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def finish_interrupted_publish(model_base: Path) -> Optional[str]:
+    """Roll a publish that a killed export left half done forward or back.
+
+    Call holding the export lock (``export_lock`` does). Returns what was
+    done ("forward"/"back"), None when no journal was there.
+    """
+    model_base = Path(model_base)
+    journal = model_base / JOURNAL_FILE
+    for partial in model_base.glob(f"{JOURNAL_FILE}.tmp-*"):  # killed before any rename
+        partial.unlink()
+    if not journal.exists():
+        return None
+    try:
+        entry = json.loads(journal.read_text(encoding="utf-8"))
+        version = int(entry["version"])
+        moves = {name: (model_base / name / staging, model_base / name / str(version))
+                 for name, staging in entry["models"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise VersionError(f"{journal}: unreadable publish journal ({err}); check the "
+                           "model directories by hand, then delete it") from None
+    if all(target.is_dir() or staging.is_dir() for staging, target in moves.values()):
+        action = "forward"
+        for staging, target in moves.values():
+            if not target.exists():
+                os.rename(staging, target)
+    else:   # a staged directory vanished: this version cannot be completed
+        action = "back"
+        for name, (staging, target) in moves.items():
+            if target.is_dir():   # back to a staging name; the lock holder removes it
+                os.rename(target, model_base / name / f"{STAGING_PREFIX}rolled-back-"
+                          f"{version}-{uuid.uuid4().hex[:8]}")
+    for name in moves:
+        if (model_base / name).is_dir():
+            _fsync_dir(model_base / name)
+    _remove_journal(model_base)
+    log.warning("%s: an export was interrupted while publishing version %d of %s; "
+                "rolled %s", model_base, version, ", ".join(moves), action)
+    return action
+
+
+def _write_journal(model_base: Path, version: int, stagings: dict[str, str]) -> None:
+    """Durably record the publish about to start (temp file, fsync, rename)."""
+    tmp = model_base / f"{JOURNAL_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"version": version, "models": stagings}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, model_base / JOURNAL_FILE)
+    _fsync_dir(model_base)
+
+
+def _remove_journal(model_base: Path) -> None:
+    (model_base / JOURNAL_FILE).unlink(missing_ok=True)
+    _fsync_dir(model_base)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,6 +1,7 @@
 """Shared test setup: Keras 2 for TFRS, quiet TF logs, repo root importable."""
 import os
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -10,6 +11,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
 
 from tiny_run_config import TINY  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_checker_cache(request, tmp_path_factory):
+    """One cache for the C++ SavedModel checker per test run, shared by every
+    test and by exports with ``native_check`` (through $TWOTOWER_CACHE_DIR),
+    never in $HOME. When a collected test needs the checker, its compile (tens
+    of seconds) starts at the session's start, beside the tiny training."""
+    from export import native_loader
+
+    cache = tmp_path_factory.mktemp("native-checker")
+    build = _CheckerBuild(cache)
+    if native_loader.compiler_available() and any(
+            "native_checker" in item.fixturenames for item in request.session.items):
+        build.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(native_loader.CACHE_ENV, str(cache))
+        yield build
+    if build.ident is not None:   # started: no compile outlives the session
+        build.join()
+
+
+@pytest.fixture(scope="session")
+def native_checker(native_checker_cache):
+    """The compiled checker's path (waits for the session's one build)."""
+    return native_checker_cache.result()
+
+
+class _CheckerBuild(threading.Thread):
+    """build_checker(cache) in a thread; ``result()`` joins it (or builds now)."""
+
+    def __init__(self, cache):
+        super().__init__(daemon=True, name="native-checker-build")
+        self.cache, self.binary, self.error = cache, None, None
+
+    def run(self):
+        from export.native_loader import NativeLoadError, build_checker
+        try:
+            self.binary = build_checker(self.cache)
+        except NativeLoadError as err:   # reported by result(), in the test that needs it
+            self.error = err
+
+    def result(self):
+        if self.ident is not None:
+            self.join()
+        else:   # not started (no test was collected that needs it): build now
+            self.run()
+        if self.error:
+            raise self.error
+        return self.binary
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +80,14 @@ def exported(tiny_run, tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
     result = export_run(tiny_run.output_dir, base, ExportOptions(k=20, progress=False))
     return base, result
+
+
+SLOW_FIXTURES = {"tiny_run", "exported"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the trained run (or its export) is ``slow``: training
+    it takes most of a minute, so ``-m "not slow"`` runs without it."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -81,3 +81,49 @@ def test_temporal_validation_is_counted_in_days():
     config = parse_config({**IDS_ONLY, "evaluation": {"protocol": "temporal"},
                            "training": {"validation_days": 1.5, "early_stopping_patience": 1}})
     assert config.training.validation_days == 1.5
+
+
+def test_unknown_key_lists_the_valid_keys_of_its_section():
+    from trainer.config import parse_config
+    raw = {**IDS_ONLY, "data": {"kind": "tables",
+                                "interactions": {"path": "x.csv", "sepparator": ";"}},
+           "evaluation": {"protocl": "temporal"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    message = str(err.value)
+    assert ("data.tables.interactions.sepparator: Extra inputs are not permitted (valid keys "
+            "here: path, columns, separator, header, names)") in message
+    assert ("evaluation.protocl: Extra inputs are not permitted (valid keys here: protocol, "
+            "seed, train_fraction, test_days, ks, ease, ease_max_items, ease_l2)") in message
+
+
+@pytest.mark.parametrize("source,message", [
+    ({"path": "x.csv", "header": False, "columns": {"user_id": "uid", "item_id": 1}},
+     "header: false and no 'names': map ['user_id'] by 0-based position"),
+    ({"path": "x.csv", "header": False}, "header: false needs 'columns' (positions) or 'names'"),
+    ({"path": "x.csv", "names": ["a", "b"]}, "set 'header: false'"),
+    ({"path": "x.csv", "columns": {"user_id": -1}}, "column positions are 0-based"),
+])
+def test_headerless_table_config_errors(source, message):
+    from trainer.config import parse_config
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({**IDS_ONLY, "data": {"kind": "tables", "interactions": source}})
+
+
+def test_headerless_table_config_by_position():
+    from trainer.config import parse_config
+    config = parse_config({**IDS_ONLY, "data": {"kind": "tables", "interactions": {
+        "path": "x.tsv", "separator": "\t", "header": False,
+        "columns": {"user_id": 0, "item_id": 1, "timestamp": 3}}}})
+    assert config.data.interactions.columns == {"user_id": 0, "item_id": 1, "timestamp": 3}
+    assert config.data.interactions.header is False
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1", "two"])
+def test_cli_refuses_epochs_below_one(epochs, capsys):
+    from trainer.cli import parse_args
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--config", "c.yaml", "--output", "out", "--epochs", epochs])
+    assert exit_.value.code == 2
+    assert "argument --epochs:" in capsys.readouterr().err
+    assert parse_args(["--config", "c.yaml", "--output", "o", "--epochs", "1"]).epochs == 1

@@ -1,4 +1,6 @@
 """Loaders produce canonical tables and name file/line/column on bad input."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,7 +36,8 @@ def test_ml100k_canonical_tables(tmp_path):
 
 def test_ml100k_unparsable_row_names_file_and_line(tmp_path):
     root = write_ml100k(tmp_path / "ml", ["1\t10\t5\t881250949", "2\tabc\t3\t891717742"])
-    with pytest.raises(DataError, match=r"u\.data:2: column 'item_id'.*'abc'"):
+    with pytest.raises(DataError,
+                       match=r"u\.data:2 column 'item_id': expected a number, got 'abc'"):
         load_ml100k(root)
 
 
@@ -94,7 +97,8 @@ def test_generic_bad_clicked_value(tmp_path):
     pd.DataFrame({"user_id": [1, 2], "item_id": [2, 3], "clicked": [1, "yes"]}).to_csv(
         tmp_path / "log.csv", index=False)
     cfg = GenericData(kind="tables", interactions=TableSource(path=str(tmp_path / "log.csv")))
-    with pytest.raises(DataError, match=r"column 'clicked' row 1.*'yes'"):
+    with pytest.raises(DataError, match=r"log\.csv:3 column 'clicked': expected a number, "
+                                        r"got 'yes'"):
         load_tables(cfg)
 
 
@@ -124,3 +128,139 @@ def test_load_tables_synthetic_from_config():
     t = load_tables(SyntheticData(num_users=50, num_items=30, exposures_per_user=5))
     assert t.name == "synthetic" and len(t.interactions) == 250
     assert np.isin(t.interactions["item_id"], t.items["item_id"]).all()
+
+
+# ---------------------------------------------------------------- file:LINE errors
+def _tables(tmp_path, interactions, items=None, **source):
+    """A `kind: tables` config over CSV text written to tmp_path."""
+    (tmp_path / "log.csv").write_bytes(interactions if isinstance(interactions, bytes)
+                                       else interactions.encode())
+    items_source = None
+    if items is not None:
+        (tmp_path / "items.csv").write_text(items)
+        items_source = TableSource(path=str(tmp_path / "items.csv"))
+    return GenericData(kind="tables", items=items_source, interactions=TableSource(
+        path=str(tmp_path / "log.csv"), **source))
+
+
+def _log(rows):
+    return "user_id,item_id,timestamp\n" + "".join(f"u{r},i{r},{100 + r}\n" for r in rows)
+
+
+def test_bad_value_mid_file_names_the_file_line(tmp_path):
+    text = _log(range(1999)) + "u9,i9,abc\n" + _log(range(5)).split("\n", 1)[1]
+    # data row 1999 is line 2001 of the file: the header is line 1
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 'log.csv'}:2001 column 'timestamp': expected a number, got 'abc'")):
+        load_tables(_tables(tmp_path, text))
+
+
+def test_line_numbers_count_quoted_newlines_and_blank_lines(tmp_path):
+    text = ('user_id,item_id,timestamp\nu1,"i\nwith newline",1\n\nu2,i2,x\n')
+    with pytest.raises(DataError, match=r"log\.csv:5 column 'timestamp': expected a number, "
+                                        r"got 'x'"):
+        load_tables(_tables(tmp_path, text))
+
+
+def test_short_row_says_how_many_fields_it_has(tmp_path):
+    with pytest.raises(DataError, match=r"log\.csv:3: expected 3 fields \(user_id, item_id, "
+                                        r"timestamp\) separated by ',', got 2$"):
+        load_tables(_tables(tmp_path, "user_id,item_id,timestamp\nu1,i1,1\nu2,i2\n"))
+
+
+def test_long_row_says_how_many_fields_it_has(tmp_path):
+    with pytest.raises(DataError, match=r"log\.csv:3: expected 3 fields .* got 4$"):
+        load_tables(_tables(tmp_path, "user_id,item_id,timestamp\nu1,i1,1\nu2,i2,2,9\n"))
+
+
+def test_missing_id_is_not_the_id_nan(tmp_path):
+    with pytest.raises(DataError, match=r"log\.csv:2 column 'item_id': missing"):
+        load_tables(_tables(tmp_path, "user_id,item_id,timestamp\nu1,,1\n"))
+
+
+def test_empty_and_header_only_files_say_what_is_missing(tmp_path):
+    with pytest.raises(DataError, match=r"log\.csv: empty file \(expected rows with user_id, "
+                                        r"item_id\)"):
+        load_tables(_tables(tmp_path, ""))
+    with pytest.raises(DataError, match=r"log\.csv: only a header line, no data rows"):
+        load_tables(_tables(tmp_path, "user_id,item_id\n"))
+
+
+def test_ml100k_empty_u_data(tmp_path):
+    root = write_ml100k(tmp_path / "ml")
+    (root / "u.data").write_text("")
+    with pytest.raises(DataError, match=r"u\.data: empty file \(expected user id, item id"):
+        load_ml100k(root)
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    with pytest.raises(DataError, match=r"log\.csv:3: not valid utf-8 \(byte 0xff at byte 4 "
+                                        r"of the line\)"):
+        load_tables(_tables(tmp_path, b"user_id,item_id\nu1,i1\nu2,\xff\n"))
+    root = write_ml100k(tmp_path / "ml")
+    (root / "u.data").write_bytes(b"1\t10\t5\t881250949\n2\t2\xe90\t3\t891717742\n")
+    with pytest.raises(DataError, match=r"u\.data:2: not valid utf-8 \(byte 0xe9 at byte 4"):
+        load_ml100k(root)
+
+
+def test_duplicate_item_names_both_lines(tmp_path):
+    items = "item_id,category\ni1,a\ni2,b\ni3,c\ni2,d\n"
+    with pytest.raises(DataError, match=r"items\.csv:5: duplicate item_id 'i2' "
+                                        r"\(first on line 3\)"):
+        load_tables(_tables(tmp_path, _log(range(3)), items))
+
+
+def test_non_integer_in_an_integer_column(tmp_path):
+    root = write_ml100k(tmp_path / "ml", ["1\t10\t5\t881250949", "2\t20\t3\t8917.5"])
+    with pytest.raises(DataError, match=r"u\.data:2 column 'timestamp': expected an integer, "
+                                        r"got '8917\.5'"):
+        load_ml100k(root)
+
+
+# ---------------------------------------------------------------- headerless tables
+def test_headerless_table_by_position(tmp_path):
+    cfg = _tables(tmp_path, "u1;i1;5;100\nu2;i2;3;200\n", header=False, separator=";",
+                  columns={"user_id": 0, "item_id": 1, "timestamp": 3})
+    t = load_tables(cfg)
+    assert t.interactions["item_id"].tolist() == ["i1", "i2"]
+    assert t.interactions["timestamp"].tolist() == [100, 200]
+    assert t.interactions["clicked"].tolist() == [1, 1]
+
+
+def test_headerless_table_with_names(tmp_path):
+    cfg = _tables(tmp_path, "u1,i1,100\nu2,i2,oops\n", header=False,
+                  names=["uid", "iid", "ts"],
+                  columns={"user_id": "uid", "item_id": "iid", "timestamp": "ts"})
+    with pytest.raises(DataError, match=r"log\.csv:2 column 'timestamp': expected a number, "
+                                        r"got 'oops'"):
+        load_tables(cfg)
+    (tmp_path / "log.csv").write_text("u1,i1,100\nu2,i2,200\n")
+    assert load_tables(cfg).interactions["timestamp"].tolist() == [100, 200]
+
+
+def test_headerless_position_out_of_range(tmp_path):
+    cfg = _tables(tmp_path, "u1,i1\n", header=False, columns={"user_id": 0, "item_id": 2})
+    with pytest.raises(DataError, match=r"item_id \(position 2; the file has 2 columns\)"):
+        load_tables(cfg)
+
+
+def test_header_that_looks_like_data_warns(tmp_path, caplog):
+    cfg = _tables(tmp_path, "1,10,100\n2,20,200\n",
+                  columns={"user_id": "1", "item_id": "10"})
+    with caplog.at_level("WARNING", logger="trainer.data.readers"):
+        t = load_tables(cfg)
+    assert len(t.interactions) == 1   # the first line was taken as the header
+    assert "log.csv:1: the header line '1,10,100' looks like data" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.data.readers"):
+        load_tables(_tables(tmp_path, _log(range(2))))
+    assert caplog.text == ""
+
+
+def test_parquet_rows_are_named_by_index(tmp_path):
+    pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1", "i2"], "clicked": [1, 2]}).to_parquet(
+        tmp_path / "log.parquet")
+    cfg = GenericData(kind="tables", interactions=TableSource(path=str(tmp_path / "log.parquet")))
+    with pytest.raises(DataError, match=r"log\.parquet row 1 column 'clicked': must be 0 or 1, "
+                                        r"got 2$"):
+        load_tables(cfg)

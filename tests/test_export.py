@@ -1,5 +1,6 @@
 """Exported SavedModels: signatures, ids, exclusion, versions, metadata, refresh."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import tensorflow as tf
 from export.exporter import ExportOptions, export_run
 from export.metadata import read_metadata
 from export.run_artifacts import feature_columns, load_run
+from export.scann_tuning import ScannParams
 from export.verify import ExportCheckError, run_with_session
 from export.versioning import VersionError, existing_versions
 
@@ -20,6 +22,14 @@ MODELS = ("query_tower", "candidate_tower", "retrieval", "retrieval_exact")
 def signature_defs(path):
     with tf.compat.v1.Session(graph=tf.Graph()) as sess:
         return tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(path)).signature_def
+
+
+def copy_exported(exported, base, models):
+    """``base`` holding the ``exported`` fixture's version 1 of ``models`` (a
+    private copy: the fixture is shared read-only, and exporting it again costs)."""
+    for name in models:
+        shutil.copytree(exported[0] / name / "1", base / name / "1")
+    return base
 
 
 def user_inputs(run_dir, n=8):
@@ -141,10 +151,9 @@ def test_metadata_contents(exported):
     assert read_metadata(base / "retrieval_exact" / "1")["index"]["type"] == "brute_force"
 
 
-def test_versions_increase_and_never_overwrite(tiny_run, tmp_path):
-    base = tmp_path / "models"
+def test_versions_increase_and_never_overwrite(tiny_run, exported, tmp_path):
     opts = ExportOptions(k=K, models=["query_tower", "retrieval_exact"], progress=False)
-    assert export_run(tiny_run.output_dir, base, opts).version == 1
+    base = copy_exported(exported, tmp_path / "models", opts.models)
     # a broken (partial) version 2 in one model: the next export skips past it
     broken = base / "retrieval_exact" / "2"
     broken.mkdir()
@@ -159,31 +168,30 @@ def test_versions_increase_and_never_overwrite(tiny_run, tmp_path):
     assert not [p for p in (base / "query_tower").iterdir() if p.name.startswith(".")]
 
 
-def test_failed_check_publishes_nothing(tiny_run, tmp_path):
-    base = tmp_path / "models"
-    good = export_run(tiny_run.output_dir, base,
-                      ExportOptions(k=K, models=["retrieval"], progress=False))
+def test_failed_check_publishes_nothing(tiny_run, exported, tmp_path):
+    base = copy_exported(exported, tmp_path / "models", ["retrieval"])
     before = sorted(p.name for p in (base / "retrieval").iterdir())
-    with pytest.raises(ExportCheckError, match="recall"):
+    params = ScannParams(**exported[1].metadata["retrieval"]["index"]["params"])
+    with pytest.raises(ExportCheckError, match="recall"):   # unreachable: every build fails
         export_run(tiny_run.output_dir, base, ExportOptions(
             k=K, models=["retrieval", "retrieval_exact"], recall_target=1.01,
-            progress=False))
+            scann_params=params, progress=False))
     assert sorted(p.name for p in (base / "retrieval").iterdir()) == before == ["1"]
     assert not (base / "retrieval_exact").exists() or not list(
         (base / "retrieval_exact").iterdir())
-    assert good.version == 1
 
 
-def test_catalog_refresh_makes_new_item_retrievable(tiny_run, tmp_path):
+def test_catalog_refresh_makes_new_item_retrievable(tiny_run, exported, tmp_path):
     run_dir = tiny_run.output_dir
     items = pd.read_parquet(run_dir / "items.parquet")
     new = items.iloc[[0]].assign(item_id="brand-new-item", tags="drama|tag7")
     items_path = tmp_path / "items.parquet"
     pd.concat([items, new], ignore_index=True).to_parquet(items_path)
-    base = tmp_path / "models"
+    # the fixture's tuned ScaNN setting: this test is about the new item, not tuning
+    params = ScannParams(**exported[1].metadata["retrieval"]["index"]["params"])
     opts = dict(k=K, models=["candidate_tower", "retrieval", "retrieval_exact"],
-                progress=False)
-    export_run(run_dir, base, ExportOptions(**opts))
+                progress=False, scann_params=params)
+    base = copy_exported(exported, tmp_path / "models", opts["models"])
     refreshed = export_run(run_dir, base, ExportOptions(**opts, items_path=str(items_path)))
     assert refreshed.version == 2
     assert read_metadata(base / "retrieval" / "2")["catalog_size"] == len(items) + 1

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not compiler_available(),
 
 @pytest.mark.parametrize("model", ["query_tower", "candidate_tower", "retrieval",
                                    "retrieval_exact"])
-def test_exported_version_loads_natively(exported, model):
+def test_exported_version_loads_natively(exported, native_checker, model):
     base, _ = exported
     version_dir = base / model / "1"
     results = check_saved_model(version_dir)

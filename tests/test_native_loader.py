@@ -2,7 +2,7 @@
 
 Each model is saved from a tf.Module with explicit signatures, gets a warmup
 file, and is run natively; the outputs must equal the in-process results. The
-checker is compiled once per test session (module `checker` fixture).
+checker is compiled once per test run (conftest's `native_checker`).
 """
 import json
 
@@ -22,11 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def checker(tmp_path_factory):
-    """Cache directory holding the compiled checker (built once per session)."""
-    cache = tmp_path_factory.mktemp("native_checker")
-    native_loader.build_checker(cache)
-    return cache
+def checker(native_checker):
+    """Cache directory holding the compiled checker (conftest's, built once per run)."""
+    return native_checker.parent
 
 
 def check(version_dir, cache, **kwargs):
@@ -97,6 +95,9 @@ def test_build_is_cached(checker):
     first = native_loader.build_checker(checker)
     assert first.exists() and first.parent == checker
     assert native_loader.build_checker(checker) == first  # no rebuild
+    # the default cache (exports' native check) is this run's one binary too
+    assert native_loader.build_checker() == first
+    assert [p.name for p in checker.iterdir()] == [first.name]
 
 
 def test_tower_outputs_match_python(tower, checker):

@@ -7,6 +7,17 @@ import sys
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 epochs would train nothing and still publish)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m trainer",
@@ -23,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "finished (re-running resumes an interrupted run)")
     p.add_argument("--data-path", default=None,
                    help="override data.path in the config (e.g. a MovieLens directory)")
-    p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="override training.epochs (a positive integer)")
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
     return p.parse_args(argv)
 
@@ -45,7 +57,7 @@ def main(argv=None) -> int:
 
     try:
         config = load_config(args.config, args.override, args.data_path)
-        if args.epochs:
+        if args.epochs is not None:
             config.training.epochs = args.epochs
         from trainer.train import train
 

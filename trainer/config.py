@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Sequence, Union
+from typing import Annotated, Literal, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -119,11 +119,41 @@ class MovieLensLatest(_Windowed):
 
 
 class TableSource(_Strict):
-    """A CSV or Parquet file and the mapping from canonical to file columns."""
+    """A CSV or Parquet file and the mapping from canonical to file columns.
+
+    ``columns`` maps a canonical name to a file column: its name, or its
+    0-based position. ``header: false`` reads a CSV file without a header
+    line; its columns are then named by ``names`` (all of them, in order) or
+    only reachable by position.
+    """
 
     path: str
-    columns: dict[str, str] = Field(default_factory=dict)
-    separator: str = ","
+    columns: dict[str, Union[int, str]] = Field(default_factory=dict)
+    separator: str = Field(",", min_length=1)
+    header: bool = True
+    names: Optional[list[str]] = Field(None, min_length=1)
+
+    @field_validator("columns")
+    @classmethod
+    def _positions(cls, columns: dict) -> dict:
+        bad = [k for k, v in columns.items() if isinstance(v, int) and v < 0]
+        if bad:
+            raise ValueError(f"column positions are 0-based, got {bad[0]}: {columns[bad[0]]}")
+        return columns
+
+    @model_validator(mode="after")
+    def _names_fit_header(self) -> "TableSource":
+        if self.names is not None and self.header:
+            raise ValueError("'names' names the columns of a file without a header line: "
+                             "set 'header: false' (or drop 'names')")
+        if not self.header and self.names is None:
+            by_name = [k for k, v in self.columns.items() if isinstance(v, str)]
+            if by_name:
+                raise ValueError(f"header: false and no 'names': map {by_name} by 0-based "
+                                 "position (e.g. user_id: 0), or give 'names'")
+            if not self.columns:
+                raise ValueError("header: false needs 'columns' (positions) or 'names'")
+        return self
 
 
 class GenericData(_Windowed):
@@ -484,8 +514,62 @@ def parse_config(raw: dict, source: str = "<dict>") -> RunConfig:
         lines = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            lines.append(f"  {loc}: {e['msg']}")
+            line = f"  {loc}: {e['msg']}"
+            if e["type"] in ("extra_forbidden", "missing"):
+                section = _section_model(e["loc"][:-1])
+                if section is not None:
+                    line += f" (valid keys here: {', '.join(section.model_fields)})"
+            lines.append(line)
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def _section_model(loc: Sequence) -> Optional[type[BaseModel]]:
+    """The config model at a pydantic error location (``data.tables.users``...).
+
+    Discriminated unions put the tag in the location (``tables``,
+    ``categorical``); list items their index.
+    """
+    node = RunConfig
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part not in node.model_fields:
+                return None
+            node = node.model_fields[part].annotation
+            continue
+        origin, args = get_origin(node), get_args(node)
+        if origin is Union and isinstance(part, str):
+            tagged = [m for m in args if isinstance(m, type) and issubclass(m, BaseModel)
+                      and part in _tags(m)]
+            if len(tagged) != 1:
+                return None
+            node = tagged[0]
+        elif origin in (list, tuple) and isinstance(part, int):
+            node = args[0]
+        elif origin is dict:
+            node = args[1]
+        else:
+            return None
+    node = _unwrap(node)
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unwrap(node):
+    """Annotated[X, ...] -> X; Optional[X] -> X."""
+    while True:
+        if get_origin(node) is Annotated:
+            node = get_args(node)[0]
+        elif get_origin(node) is Union and type(None) in get_args(node):
+            rest = [a for a in get_args(node) if a is not type(None)]
+            node = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        else:
+            return node
+
+
+def _tags(model: type[BaseModel]) -> tuple:
+    """The discriminator values a union member answers to (its Literal fields)."""
+    return tuple(v for f in model.model_fields.values()
+                 if get_origin(f.annotation) is Literal for v in get_args(f.annotation))
 
 
 def load_config(path: str | Path, overrides: Sequence[str | Path] = (),

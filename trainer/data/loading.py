@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-from trainer.config import GenericData, MovieLens100K, MovieLensLatest, SyntheticData
+import pandas as pd
+
+from trainer.config import (GenericData, MovieLens100K, MovieLensLatest, SyntheticData,
+                            TableSource)
 from trainer.data import drifting, movielens, synthetic
-from trainer.data.readers import read_table
-from trainer.data.tables import Tables, canonical_interactions, ensure_entity_table
+from trainer.data.readers import read_table, rows_of
+from trainer.data.tables import (Tables, canonical_interactions, check_unique,
+                                 ensure_entity_table)
 from trainer.data.windows import cut_window
 
 
@@ -35,22 +40,35 @@ def load_tables(data) -> Tables:
 
 
 def _load_generic(data: GenericData) -> Tables:
-    src = data.interactions
-    raw = read_table(Path(src.path), src.columns, src.separator,
-                     required=("user_id", "item_id"))
-    interactions = canonical_interactions(raw, src.path)
+    interactions = _read_source(data.interactions, ("user_id", "item_id"),
+                                canonical_interactions)
     users = items = ranking_log = None
     if data.users is not None:
-        users = read_table(Path(data.users.path), data.users.columns,
-                           data.users.separator, required=("user_id",))
+        users = _read_source(data.users, ("user_id",), _unique_ids("user_id"))
     if data.items is not None:
-        items = read_table(Path(data.items.path), data.items.columns,
-                           data.items.separator, required=("item_id",))
+        items = _read_source(data.items, ("item_id",), _unique_ids("item_id"))
     if data.ranking_log is not None:
-        rl = data.ranking_log
-        ranking_log = read_table(Path(rl.path), rl.columns, rl.separator,
-                                 required=("user_id", "item_id"))
-        ranking_log = ranking_log.assign(user_id=ranking_log["user_id"].astype(str),
-                                         item_id=ranking_log["item_id"].astype(str))
+        ranking_log = _read_source(data.ranking_log, ("user_id", "item_id"),
+                                   lambda df, source: df.assign(
+                                       user_id=df["user_id"].astype(str),
+                                       item_id=df["item_id"].astype(str)))
     return Tables(interactions, users, items, ranking_log=ranking_log,
-                  name=Path(src.path).stem)
+                  name=Path(data.interactions.path).stem)
+
+
+def _read_source(src: TableSource, required: tuple[str, ...],
+                 check: Callable[[pd.DataFrame, str], pd.DataFrame]) -> pd.DataFrame:
+    """Read one configured table and run ``check`` on it; its row errors name
+    the file and line."""
+    path = Path(src.path)
+    raw, text = read_table(path, src.columns, src.separator, required=required,
+                           header=src.header, names=src.names)
+    with rows_of(text, str(path)):
+        return check(raw, str(path))
+
+
+def _unique_ids(key: str) -> Callable[[pd.DataFrame, str], pd.DataFrame]:
+    def check(df: pd.DataFrame, source: str) -> pd.DataFrame:
+        check_unique(df, key, source)
+        return df
+    return check

@@ -23,6 +23,19 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names file, line or column."""
 
 
+class RowError(DataError):
+    """A problem at DataFrame rows; the reader that made the frame turns it into
+    ``file:LINE`` (trainer.data.readers.rows_of), so tables need no file.
+
+    ``rows``: 0-based row indexes (two for a duplicate: first, second).
+    """
+
+    def __init__(self, source: str, rows: tuple[int, ...], column: str, problem: str):
+        self.rows, self.column, self.problem = tuple(int(r) for r in rows), column, problem
+        super().__init__(f"{source}: column '{column}' row "
+                         f"{' and '.join(map(str, self.rows))}: {problem}")
+
+
 @dataclass
 class Tables:
     interactions: pd.DataFrame
@@ -43,6 +56,9 @@ def canonical_interactions(df: pd.DataFrame, source: str) -> pd.DataFrame:
     for col in ("user_id", "item_id"):
         if col not in df.columns:
             raise DataError(f"{source}: missing column '{col}' (have {list(df.columns)})")
+        if df[col].isna().any():   # astype(str) would make it the id 'nan'
+            row = int(np.flatnonzero(df[col].isna().to_numpy())[0])
+            raise RowError(source, (row,), col, "missing (an empty field)")
     out = pd.DataFrame({
         "user_id": df["user_id"].astype(str).to_numpy(dtype=object),
         "item_id": df["item_id"].astype(str).to_numpy(dtype=object),
@@ -52,8 +68,8 @@ def canonical_interactions(df: pd.DataFrame, source: str) -> pd.DataFrame:
     bad = ~np.isin(out["clicked"].to_numpy(), (0, 1))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{source}: column 'clicked' must be 0 or 1; row {row} has "
-                        f"{out['clicked'].iloc[row]}")
+        raise RowError(source, (row,), "clicked",
+                       f"must be 0 or 1, got {_shown(df['clicked'].iloc[row])}")
     out["weight"] = _numeric(df, "weight", source, default=1.0).astype(np.float32)
     return out
 
@@ -65,9 +81,15 @@ def _numeric(df: pd.DataFrame, col: str, source: str, default) -> np.ndarray:
     bad = values.isna() & df[col].notna() | df[col].isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{source}: column '{col}' row {row}: expected a number, "
-                        f"got {df[col].iloc[row]!r}")
+        value = df[col].iloc[row]
+        raise RowError(source, (row,), col, "expected a number, got "
+                       + ("an empty field" if pd.isna(value) else _shown(value)))
     return values.to_numpy()
+
+
+def _shown(value) -> str:
+    """A file value as an error shows it: 'abc' quoted, a number plain."""
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def ensure_entity_table(table: Optional[pd.DataFrame], key: str,
@@ -82,10 +104,18 @@ def ensure_entity_table(table: Optional[pd.DataFrame], key: str,
         return pd.DataFrame({key: ids})
     table = table.copy()
     table[key] = table[key].astype(str)
-    if table[key].duplicated().any():
-        dup = table.loc[table[key].duplicated(), key].iloc[0]
-        raise DataError(f"{key} table: duplicate {key} {dup!r}")
+    check_unique(table, key, f"{key} table")
     missing = np.setdiff1d(ids.astype(str), table[key].to_numpy(dtype=str))
     if len(missing):
         table = pd.concat([table, pd.DataFrame({key: missing})], ignore_index=True)
     return table.reset_index(drop=True)
+
+
+def check_unique(table: pd.DataFrame, key: str, source: str) -> None:
+    """RowError (first row, duplicate row) at the first id that appears twice."""
+    ids = table[key].astype(str)
+    dup = ids.duplicated()
+    if dup.any():
+        second = int(np.flatnonzero(dup.to_numpy())[0])
+        first = int(np.flatnonzero((ids == ids.iloc[second]).to_numpy())[0])
+        raise RowError(source, (first, second), key, f"duplicate {key} {ids.iloc[second]!r}")
