@@ -79,6 +79,16 @@ class TowerState:
     tables: dict[str, tuple[np.ndarray, np.ndarray]]  # path -> (keys, values), sorted by key
     paths: dict[str, list[str]] = field(default_factory=dict)  # canonical -> every path
     unreadable_tables: list[str] = field(default_factory=list)
+    objects: dict[str, object] = field(default_factory=dict)  # canonical -> variable/table
+
+    def id_embedding(self, id_feature: str) -> str:
+        """Canonical path of the item id embedding table (FullBuildNeeded unless one)."""
+        return _one(self, self.variables, id_feature, "embedding table",
+                    lambda v: v.ndim == 2 and v.dtype.kind == "f")
+
+    def id_vocabulary(self, id_feature: str) -> str:
+        """Canonical path of the item id lookup table (FullBuildNeeded unless one)."""
+        return _one(self, self.tables, id_feature, "vocabulary", lambda t: len(t[0]) > 0)
 
 
 def tower_root(loaded):
@@ -114,6 +124,7 @@ def tower_state(loaded) -> TowerState:
     for key, obj in found.items():
         canonical = min(paths[key], key=lambda p: (len(p), p))
         state.paths[canonical] = sorted(paths[key])
+        state.objects[canonical] = obj
         if isinstance(obj, tf.Variable):
             state.variables[canonical] = obj.numpy()
         else:
@@ -173,9 +184,7 @@ def compare_towers(old: TowerState, new: TowerState, id_feature: str) -> IdRowCh
     if set(old.variables) != set(new.variables) or set(old.tables) != set(new.tables):
         raise FullBuildNeeded("the candidate towers' variables or tables differ in name "
                               "(architecture changed)")
-    variable = _one(new, new.variables, id_feature, "embedding table",
-                    lambda v: v.ndim == 2 and v.dtype.kind == "f")
-    table = _one(new, new.tables, id_feature, "vocabulary", lambda t: len(t[0]) > 0)
+    variable, table = new.id_embedding(id_feature), new.id_vocabulary(id_feature)
     for path, value in new.variables.items():
         before = old.variables[path]
         if path == variable:

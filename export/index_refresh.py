@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,9 +199,15 @@ class _StateScaNN(tfrs.layers.factorized_top_k.ScaNN):
 
     def __init__(self, tensors: dict[str, np.ndarray], **kwargs):
         super().__init__(**kwargs)
-        args = [tf.constant(tensors[f]) for f in STATE_FIELDS]
-        self._build_searcher = lambda candidates: scann_ops.ScannSearcher(
-            scann_ops.tensors_to_scann(args[-1], *args[:-1]))
+        self._build_searcher = lambda candidates: searcher_from_tensors(tensors)
+
+
+def searcher_from_tensors(tensors: dict[str, np.ndarray]) -> scann_ops.ScannSearcher:
+    """The TF ops' searcher over these state tensors. Its own shared name: the op's
+    default ("") would hand every later call in the process the first searcher."""
+    args = [tf.constant(tensors[f]) for f in STATE_FIELDS]
+    return scann_ops.ScannSearcher(scann_ops.tensors_to_scann(
+        args[-1], *args[:-1], shared_name=f"refreshed-{uuid.uuid4()}"))
 
 
 def scann_layer_from_state(state: IndexState, k: int, params: ScannParams):
