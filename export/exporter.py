@@ -89,6 +89,8 @@ class _Context:
     item_inputs: dict
     options: ExportOptions
     fingerprints: pd.Series  # catalog_fingerprints of ``items``, stored with `retrieval`
+    seconds: dict = field(default_factory=dict)  # embed_catalog / tune wall times
+    truth: dict = field(default_factory=dict)  # k -> exact top-k rows of query_emb (cached)
 
 
 def export_run(run_dir: str | Path, model_base: str | Path,
@@ -109,7 +111,9 @@ def _export(ctx: _Context, model_base: Path, options: ExportOptions,
     version = next_version(model_base, list(options.models), options.version)
     tuning = None
     if "retrieval" in options.models and prebuilt is None:
+        started = time.perf_counter()
         tuning = _tuning(ctx)
+        ctx.seconds["tune"] = round(time.perf_counter() - started, 2)
     result = ExportResult(version, {})
     with StagedVersion(model_base, list(options.models), version) as stage:
         for name in options.models:
@@ -132,7 +136,9 @@ def _context(run: TrainedRun, options: ExportOptions, items: Optional[pd.DataFra
     """``catalog`` (ids [N], vectors [N, d]) when the caller has the catalog's
     vectors already (an incremental export); else the whole catalog is embedded."""
     items = read_items(options.items_path, run) if items is None else items
+    started = time.perf_counter()
     catalog_ids, catalog_emb = catalog or embed_catalog(run, items, progress=options.progress)
+    seconds = {} if catalog else {"embed_catalog": round(time.perf_counter() - started, 2)}
     if fingerprints is None:
         fingerprints = catalog_fingerprints(items, run.spec["candidate"])
     users_path = run.path / "users.parquet"
@@ -149,7 +155,7 @@ def _context(run: TrainedRun, options: ExportOptions, items: Optional[pd.DataFra
     item_sample = items.sample(min(len(items), 64), random_state=0)
     item_inputs = feature_columns(item_sample, run.spec["candidate"], "item table")
     return _Context(run, items, catalog_ids, catalog_emb, user_inputs, query_emb, tune_emb,
-                    item_inputs, options, fingerprints)
+                    item_inputs, options, fingerprints, seconds)
 
 
 def _tuning(ctx: _Context) -> TuningResult:
@@ -260,7 +266,9 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -
     """
     with SessionModel(out) as model:
         got = model.run(ctx.user_inputs, batch_size=32)
-        truth_rows = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
+        if k not in ctx.truth:  # the same for both retrieval models of one export
+            ctx.truth[k] = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
+        truth_rows = ctx.truth[k]
         truth_ids = ctx.catalog_ids[truth_rows]
         measured = recall(got["item_ids"], truth_ids)
         if exact:
@@ -315,6 +323,7 @@ def _common_metadata(name: str, version: int, ctx: _Context) -> dict:
         "embedding_dim": run.embedding_dim,
         "catalog_source": ctx.options.items_path or str(run.path / "items.parquet"),
         "inputs": run.spec["query" if name != "candidate_tower" else "candidate"],
+        "export_steps_seconds": dict(ctx.seconds),
     }
 
 

@@ -18,6 +18,7 @@ conversion is file I/O, not re-encoding.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import tempfile
 import uuid
@@ -126,7 +127,10 @@ def refresh(state: IndexState, delete_ids, upsert_ids, upsert_vectors: np.ndarra
     upsert_ids = [str(i) for i in upsert_ids]
     delete_ids = [str(i) for i in delete_ids]
     upsert_vectors = np.ascontiguousarray(upsert_vectors, dtype=np.float32)
-    with tempfile.TemporaryDirectory(prefix="scann-refresh-") as tmp:
+    # the state passes through files twice (ScaNN's pybind searcher loads and
+    # serializes only through a directory): in memory where the system has it
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="scann-refresh-", dir=shm) as tmp:
         src, dst = Path(tmp, "in"), Path(tmp, "out")
         src.mkdir()
         dst.mkdir()
