@@ -89,6 +89,7 @@ def _base_version(model_base: Path, requested) -> int | None:
 def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOptions,
              incremental: IncrementalOptions, settings: dict) -> ExportResult:
     seconds, clock = {}, time.perf_counter()
+    detail = _Stopwatch()
     base_dir = model_base / "retrieval" / str(base)
     base_meta = read_metadata(base_dir)
     if base_meta.get("index", {}).get("type") != "scann":
@@ -98,12 +99,15 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
                               f"{base_meta.get('max_exclude')}; this export asks for "
                               f"k={options.k}, max_exclude={options.max_exclude}")
     state = read_index_state(base_dir)
+    detail.lap("read_index")
     old_tower = tower_state(tf.saved_model.load(str(_base_tower(model_base, base, base_meta))))
     id_changes = compare_towers(old_tower, tower_state(run.candidate_tower),
                                 run.spec.get("item_id_feature", "item_id"))
+    detail.lap("compare_towers")
     items = read_items(options.items_path, run)
     fingerprints = catalog_fingerprints(items, run.spec["candidate"])
     plan = plan_update(state.item_ids, read_fingerprints(base_dir), fingerprints, id_changes)
+    detail.lap("compare_catalog")
     seconds["detect"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
 
     vectors = _embed(run, items, plan.reembed)
@@ -122,7 +126,9 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
                               f"max_changed_fraction {incremental.max_changed_fraction:.1%}")
     seconds["embed"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
 
+    detail.lap("embed")
     refreshed = refresh(state, plan.deleted, plan.reembed[moved], vectors[moved])
+    detail.lap("scann_upsert_delete")
     previous_update = base_meta.get("update", {})
     baseline = (previous_update["baseline_imbalance"]
                 if previous_update.get("kind") == "incremental"
@@ -135,7 +141,9 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
     params = ScannParams(**base_meta["index"]["params"])
     k = min(options.k, len(refreshed.state.item_ids))
     layer = scann_layer_from_state(refreshed.state, k, params)
+    detail.lap("scann_layer")
     seconds["index"] = round(time.perf_counter() - clock, 2)
+    seconds["steps"] = detail.laps
 
     ctx = _context(run, options, items=items, fingerprints=fingerprints,
                    catalog=(refreshed.state.item_ids, refreshed.state.vectors))
@@ -146,6 +154,18 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
                                "after": refreshed.health_after},
               "incremental_options": asdict(incremental), "seconds": seconds}
     return _export(ctx, model_base, options, PrebuiltScann(layer, params), {"update": update})
+
+
+class _Stopwatch:
+    """Named laps, in seconds: where the detect/embed/index time went."""
+
+    def __init__(self):
+        self.laps, self._last = {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _base_tower(model_base: Path, base: int, base_meta: dict) -> Path:

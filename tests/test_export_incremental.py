@@ -68,7 +68,7 @@ def test_incremental_export_refreshes_only_what_moved(update, tiny_run):
     assert u["re_embedded"] == u["updated"] + u["inserted"] == len(MOVED + RETAGGED + NEW)
     assert u["reasons"] == {"new_items": 5, "catalog_rows_changed": 3,
                             "id_embedding_changed": 10}
-    assert set(u["seconds"]) == {"detect", "embed", "index"}
+    assert set(u["seconds"]) == {"detect", "embed", "index", "steps"}
     assert meta["index"]["refreshed"] and meta["recall@20_vs_exact"] >= 0.95
     assert read_metadata(base / "query_tower" / "2")["update"]["kind"] == "incremental"
 
@@ -196,3 +196,16 @@ def test_refreshed_index_recall_matches_a_fresh_build_at_a_lossy_setting():
     refreshed, fresh, _, _ = _refreshed_and_fresh(leaves_to_search=10, reorder=30)
     assert fresh < 0.995  # the setting really is lossy
     assert refreshed >= fresh - 0.01, (refreshed, fresh)
+
+
+def test_cli_takes_incremental_options_and_names_a_bad_one(capsys):
+    from export.cli import parse_args
+
+    args = parse_args(["--run", "r", "--output", "m", "--incremental-from", "7",
+                       "--max-changed-fraction", "0.2"])
+    assert (args.incremental_from, args.max_changed_fraction) == ("7", 0.2)
+    assert parse_args(["--run", "r", "--output", "m"]).incremental_from is None
+    with pytest.raises(SystemExit):
+        parse_args(["--run", "r", "--output", "m", "--incremental-from", "latest"])
+    assert "--incremental-from must be 'auto' or a version number, got 'latest'" in \
+        capsys.readouterr().err
