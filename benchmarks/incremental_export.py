@@ -67,7 +67,7 @@ def make_update(parent: Path, child: Path, catalog: pd.DataFrame, changed: int, 
     others = np.setdiff1d(catalog["item_id"].to_numpy(dtype=str), moved)
     repriced = rng.choice(others, max(0, changed - len(moved)), replace=False)
     catalog = catalog.copy()
-    hit = catalog["item_id"].isin(set(repriced))
+    hit = pd.Index(repriced).get_indexer(catalog["item_id"]) >= 0
     catalog.loc[hit, "price"] = catalog.loc[hit, "price"] * 1.7 + 3.0
     fresh = generate_catalog(new, seed=1000 + seed, id_prefix=f"u{seed}-")
     return pd.concat([catalog, fresh[catalog.columns]], ignore_index=True)

@@ -177,12 +177,14 @@ def _read_searcher_files(path: Path, previous: dict[str, np.ndarray]) -> dict[st
 def _check_rows(old: IndexState, new: IndexState, deleted: set, upsert_ids: list,
                 upsert_vectors: np.ndarray) -> None:
     """Every item of the refreshed index holds its expected vector, at its row."""
-    ids = pd.Index(new.item_ids)
-    expected_count = len(pd.Index(old.item_ids).difference(pd.Index(list(deleted)))
-                         .union(pd.Index(upsert_ids)))
-    old_row = pd.Index(old.item_ids).get_indexer(ids)
-    new_row = pd.Index(upsert_ids).get_indexer(ids) if upsert_ids else np.full(len(ids), -1)
-    stale = (new_row < 0) & ids.isin(list(deleted))
+    ids, old_ids = pd.Index(new.item_ids), pd.Index(old.item_ids)
+    gone = pd.Index(sorted(deleted), dtype=object)
+    upserted = pd.Index(upsert_ids, dtype=object)
+    kept = (gone.get_indexer(old_ids) < 0) & (upserted.get_indexer(old_ids) < 0)
+    expected_count = int(kept.sum()) + upserted.nunique()
+    old_row = old_ids.get_indexer(ids)
+    new_row = upserted.get_indexer(ids)
+    stale = (new_row < 0) & (gone.get_indexer(ids) >= 0)
     if (not ids.is_unique or len(ids) != expected_count or ((old_row < 0) & (new_row < 0)).any()
             or stale.any() or len(new.vectors) != len(ids)
             or len(new.tensors["datapoint_to_token"]) != len(ids)):
