@@ -185,7 +185,9 @@ def test_refreshed_index_agrees_with_a_fresh_build():
     codebooks) and a freshly trained one return the same top-k for >= 95 % of
     queries; deleted items never come back, updated and inserted ones find
     themselves."""
-    _, _, same, checks = _refreshed_and_fresh(leaves_to_search=20, reorder=300)
+    # near-exact settings: ScaNN's k-means is not deterministic between builds, and
+    # at (20 leaves, 300 re-scored) the agreement read 0.96-0.997 over three runs
+    _, _, same, checks = _refreshed_and_fresh(leaves_to_search=30, reorder=600)
     assert same >= 0.95, same
     assert checks == {"deleted_returned": False, "upserts_find_themselves": 1.0}
 
