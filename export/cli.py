@@ -30,7 +30,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--native-check", action="store_true",
                    help="also load and warm every version with the C++ SavedModel loader")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inc = p.add_argument_group(
+        "incremental export", "refresh the previous version's ScaNN index instead of "
+        "rebuilding it: only items whose vectors can have changed are embedded and "
+        "upserted; falls back to a full export when that is not exact or too much changed "
+        "(docs/ARTIFACTS.md, 'Incremental export')")
+    inc.add_argument("--incremental-from", default=None, metavar="auto|VERSION",
+                     help="published version to refresh ('auto': the newest)")
+    inc.add_argument("--max-changed-fraction", type=float, default=0.1,
+                     help="full export when more than this fraction of the catalog "
+                          "changed (default 0.1)")
+    inc.add_argument("--max-imbalance-increase", type=float, default=0.25,
+                     help="full export when ScaNN's weighted relative leaf imbalance grew "
+                          "by more than this since the last full build (default 0.25)")
     args = p.parse_args(argv)
+    if args.incremental_from not in (None, "auto") and not args.incremental_from.isdigit():
+        p.error(f"--incremental-from must be 'auto' or a version number, got "
+                f"{args.incremental_from!r}")
+    if not 0.0 <= args.max_changed_fraction <= 1.0:
+        p.error(f"--max-changed-fraction must be in [0, 1], got {args.max_changed_fraction}")
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
     if not 0.0 < args.recall_target <= 1.0:
@@ -57,11 +75,24 @@ def main(argv=None) -> int:
         version=args.version, items_path=args.items, native_check=args.native_check,
         progress=not args.no_progress)
     try:
-        result = export_run(args.run, args.output, options)
+        if args.incremental_from is None:
+            result = export_run(args.run, args.output, options)
+        else:
+            from export.incremental import IncrementalOptions, export_incremental
+            result = export_incremental(args.run, args.output, options, IncrementalOptions(
+                args.incremental_from, args.max_changed_fraction,
+                args.max_imbalance_increase))
     except (RunError, VersionError, ExportCheckError, ValueError, OSError) as err:
         print(f"export failed, nothing published: {err}", file=sys.stderr)
         return 2
     print(f"published version {result.version}:")
+    update = next(iter(result.metadata.values()), {}).get("update")
+    if update and update["kind"] == "incremental":
+        print(f"  incremental from version {update['base_version']}: "
+              f"{update['re_embedded']} re-embedded, {update['inserted']} inserted, "
+              f"{update['updated']} updated, {update['deleted']} deleted")
+    elif update:
+        print(f"  full export instead of incremental: {update['fallback_reason']}")
     for name, path in result.paths.items():
         meta = result.metadata[name]
         extra = ""

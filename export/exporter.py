@@ -21,6 +21,7 @@ import scann  # noqa: F401  - registers the Scann>* ops for saving and session l
 import tensorflow as tf
 
 from export.catalog import embed_catalog
+from export.change_detection import catalog_fingerprints, write_fingerprints
 from export.metadata import now_iso, write_metadata
 from export.run_artifacts import TrainedRun, feature_columns, load_run, read_items
 from export.scann_tuning import ScannParams, TuningResult, escalate, exact_top_k, tune
@@ -36,6 +37,19 @@ _SCANN_ATTEMPTS = 3
 
 class _RecallTooLow(Exception):
     """The built ScaNN index missed the recall target (retried with more search)."""
+
+
+class RecallTooLowError(ExportCheckError):
+    """The ScaNN index still missed the recall target after its last attempt."""
+
+
+@dataclass
+class PrebuiltScann:
+    """A ScaNN index built elsewhere (export.incremental: the previous index,
+    refreshed): a TFRS ScaNN layer over ``ctx.catalog_emb``'s rows, and the
+    parameters it was built and is searched with. Used once, never escalated."""
+    layer: object
+    params: ScannParams
 
 
 ALL_MODELS = ("query_tower", "candidate_tower", "retrieval", "retrieval_exact")
@@ -74,6 +88,9 @@ class _Context:
     tune_emb: np.ndarray  # query embeddings of another user sample (ScaNN tuning)
     item_inputs: dict
     options: ExportOptions
+    fingerprints: pd.Series  # catalog_fingerprints of ``items``, stored with `retrieval`
+    seconds: dict = field(default_factory=dict)  # embed_catalog / tune wall times
+    truth: dict = field(default_factory=dict)  # k -> exact top-k rows of query_emb (cached)
 
 
 def export_run(run_dir: str | Path, model_base: str | Path,
@@ -88,17 +105,22 @@ def export_run(run_dir: str | Path, model_base: str | Path,
         return _export(ctx, model_base, options)
 
 
-def _export(ctx: _Context, model_base: Path, options: ExportOptions) -> ExportResult:
+def _export(ctx: _Context, model_base: Path, options: ExportOptions,
+            prebuilt: Optional[PrebuiltScann] = None,
+            extra_metadata: Optional[dict] = None) -> ExportResult:
     version = next_version(model_base, list(options.models), options.version)
     tuning = None
-    if "retrieval" in options.models:
+    if "retrieval" in options.models and prebuilt is None:
+        started = time.perf_counter()
         tuning = _tuning(ctx)
+        ctx.seconds["tune"] = round(time.perf_counter() - started, 2)
     result = ExportResult(version, {})
     with StagedVersion(model_base, list(options.models), version) as stage:
         for name in options.models:
             started = time.perf_counter()
-            meta = _build_model(name, ctx, stage.dir(name), tuning)
+            meta = _build_model(name, ctx, stage.dir(name), tuning, prebuilt)
             meta.update(_common_metadata(name, version, ctx))
+            meta.update(extra_metadata or {})
             meta["export_seconds"] = round(time.perf_counter() - started, 2)
             write_metadata(stage.dir(name), meta)
             if options.native_check:
@@ -108,9 +130,17 @@ def _export(ctx: _Context, model_base: Path, options: ExportOptions) -> ExportRe
     return result
 
 
-def _context(run: TrainedRun, options: ExportOptions) -> _Context:
-    items = read_items(options.items_path, run)
-    catalog_ids, catalog_emb = embed_catalog(run, items, progress=options.progress)
+def _context(run: TrainedRun, options: ExportOptions, items: Optional[pd.DataFrame] = None,
+             catalog: Optional[tuple[np.ndarray, np.ndarray]] = None,
+             fingerprints: Optional[pd.Series] = None) -> _Context:
+    """``catalog`` (ids [N], vectors [N, d]) when the caller has the catalog's
+    vectors already (an incremental export); else the whole catalog is embedded."""
+    items = read_items(options.items_path, run) if items is None else items
+    started = time.perf_counter()
+    catalog_ids, catalog_emb = catalog or embed_catalog(run, items, progress=options.progress)
+    seconds = {} if catalog else {"embed_catalog": round(time.perf_counter() - started, 2)}
+    if fingerprints is None:
+        fingerprints = catalog_fingerprints(items, run.spec["candidate"])
     users_path = run.path / "users.parquet"
     users = pd.read_parquet(users_path)
     # Two disjoint user samples: the index is tuned on one and checked on the
@@ -125,7 +155,7 @@ def _context(run: TrainedRun, options: ExportOptions) -> _Context:
     item_sample = items.sample(min(len(items), 64), random_state=0)
     item_inputs = feature_columns(item_sample, run.spec["candidate"], "item table")
     return _Context(run, items, catalog_ids, catalog_emb, user_inputs, query_emb, tune_emb,
-                    item_inputs, options)
+                    item_inputs, options, fingerprints, seconds)
 
 
 def _tuning(ctx: _Context) -> TuningResult:
@@ -140,7 +170,8 @@ def _head(inputs: dict, n: int) -> dict:
     return {k: v[:n] for k, v in inputs.items()}
 
 
-def _build_model(name: str, ctx: _Context, out: Path, tuning) -> dict:
+def _build_model(name: str, ctx: _Context, out: Path, tuning,
+                 prebuilt: Optional[PrebuiltScann] = None) -> dict:
     run, o = ctx.run, ctx.options
     if name in ("query_tower", "candidate_tower"):
         side = "query" if name == "query_tower" else "candidate"
@@ -148,37 +179,51 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning) -> dict:
                               if side == "query" else
                               (run.candidate_tower, run.candidate_signature, ctx.item_inputs))
         module, signatures = tower_module(tower, sig)
+        started = time.perf_counter()
         tf.saved_model.save(module, str(out), signatures=signatures, options=SAVE_OPTIONS)
+        saved = time.perf_counter()
         probe = _head(inputs, 64)
         got = run_with_session(out, probe)["embedding"]
         check_close(name, got, run.embed(side, probe))
         write_warmup_requests(out, name, [("serving_default", _head(inputs, 1)),
                                           ("serving_default", _head(inputs, 8))])
-        return {"signatures": {"serving_default": "raw features -> embedding"}}
+        return {"signatures": {"serving_default": "raw features -> embedding"},
+                **_step_seconds(started, saved)}
 
     exact = name == "retrieval_exact"
     k = min(o.k, len(ctx.catalog_ids))
     params = None
-    if not exact:
+    if prebuilt is not None and not exact:
+        params = prebuilt.params
+    elif not exact:
         fetch = min(k + o.max_exclude, len(ctx.catalog_ids))
         params = ScannParams(**{**tuning.params.__dict__, "num_reordering_candidates":
                                 max(tuning.params.num_reordering_candidates, fetch)})
-    for attempt in range(_SCANN_ATTEMPTS):
+    attempts = 1 if prebuilt is not None and not exact else _SCANN_ATTEMPTS
+    for attempt in range(attempts):
+        started = time.perf_counter()
         index = (brute_force_index(ctx.catalog_emb, k) if exact
+                 else prebuilt.layer if prebuilt is not None
                  else scann_index(ctx.catalog_emb, k, params))
+        indexed = time.perf_counter()
         module = RetrievalModule(run.query_tower, index, ctx.catalog_ids, k, o.max_exclude,
                                  run.query_signature)
         tf.saved_model.save(module, str(out), signatures=module.signatures(),
                             options=SAVE_OPTIONS)
+        saved = time.perf_counter()
         try:
             meta = _check_retrieval(name, out, ctx, k, exact)
+            meta.update(_step_seconds(indexed, saved))
+            meta["seconds"]["index"] = round(indexed - started, 2)
             break
         except _RecallTooLow as err:
-            if attempt + 1 == _SCANN_ATTEMPTS:
-                raise ExportCheckError(str(err)) from None
+            if attempt + 1 == attempts:
+                raise RecallTooLowError(str(err)) from None
             params = escalate(params)  # this build's tree fell short: search more
             shutil.rmtree(out)
             out.mkdir()
+    if name == "retrieval":
+        write_fingerprints(out, ctx.fingerprints)
     seen = _seen_matrix(ctx, rows=2, columns=min(3, o.max_exclude))
     write_warmup_requests(out, name, [
         ("serving_default", _head(ctx.user_inputs, 1)),
@@ -187,13 +232,21 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning) -> dict:
     ])
     meta["index"] = ({"type": "brute_force"} if exact else
                      {"type": "scann", "params": params.__dict__,
-                      "tuning": tuning.to_json() if tuning else None})
+                      "tuning": tuning.to_json() if tuning else None,
+                      "refreshed": prebuilt is not None})
     meta["k"] = k
     meta["max_exclude"] = o.max_exclude
     meta["signatures"] = {
         "serving_default": "raw user features -> item_ids [None, k], scores [None, k]",
         "retrieve_excluding": f"... + {SEEN_INPUT} [None, None] (pad with \"\")"}
     return meta
+
+
+def _step_seconds(started: float, saved: float) -> dict:
+    """{"seconds": {"save", "verify"}}: saving took ``started`` to ``saved``, the
+    checks from then to now."""
+    return {"seconds": {"save": round(saved - started, 2),
+                        "verify": round(time.perf_counter() - saved, 2)}}
 
 
 def _seen_matrix(ctx: _Context, rows: int, columns: int = 3) -> np.ndarray:
@@ -213,7 +266,9 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -
     """
     with SessionModel(out) as model:
         got = model.run(ctx.user_inputs, batch_size=32)
-        truth_rows = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
+        if k not in ctx.truth:  # the same for both retrieval models of one export
+            ctx.truth[k] = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
+        truth_rows = ctx.truth[k]
         truth_ids = ctx.catalog_ids[truth_rows]
         measured = recall(got["item_ids"], truth_ids)
         if exact:
@@ -268,6 +323,7 @@ def _common_metadata(name: str, version: int, ctx: _Context) -> dict:
         "embedding_dim": run.embedding_dim,
         "catalog_source": ctx.options.items_path or str(run.path / "items.parquet"),
         "inputs": run.spec["query" if name != "candidate_tower" else "candidate"],
+        "export_steps_seconds": dict(ctx.seconds),
     }
 
 

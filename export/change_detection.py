@@ -1,0 +1,266 @@
+"""Which items' vectors can differ between a published version and a new run.
+
+An item's vector is the candidate tower applied to its catalog row, so it can
+only move when the tower or the row moves. Nothing the caller says is trusted:
+the new run's candidate tower is compared with the previous version's,
+variable by variable and lookup table by lookup table, bit for bit.
+
+- Everything but the item id embedding table identical (the incremental
+  update of issue 13: only id embeddings trainable, MLPs frozen): an item's
+  vector can only change when its id's embedding row changed, its id now maps
+  to another row (vocabulary grown, an id expired or its row reclaimed), its
+  catalog row changed, or it is new. Only those items are embedded again.
+- Anything else differs (a dense layer, a normaliser, another feature's
+  embeddings or vocabulary, the architecture): every vector may have moved,
+  ``FullBuildNeeded``.
+
+Catalog rows are compared through a 64-bit fingerprint of each item's tower
+inputs (``catalog_fingerprints``), stored beside every retrieval version.
+What the comparison cannot see (graph constants such as bucket boundaries) is
+caught by a probe in export.incremental: a sample of the items judged
+unchanged is embedded again and must come out bit-identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from export.run_artifacts import feature_columns
+
+FINGERPRINTS_FILE = "catalog_fingerprints.parquet"   # in a version's assets.extra/
+_MAX_DEPTH = 12
+
+
+class FullBuildNeeded(Exception):
+    """An incremental export cannot be exact here; the message says why."""
+
+
+# -- catalog rows ---------------------------------------------------------------------
+
+def catalog_fingerprints(items: pd.DataFrame, candidate_spec: list[dict]) -> pd.Series:
+    """uint64 per item (index: item_id) over the columns the candidate tower reads,
+    coerced as the tower gets them, so two rows with equal inputs hash equal."""
+    columns = feature_columns(items, candidate_spec, "item table")
+    table = pd.DataFrame(columns)
+    hashes = pd.util.hash_pandas_object(table, index=False).to_numpy(dtype=np.uint64)
+    return pd.Series(hashes, index=pd.Index(items["item_id"].astype(str), name="item_id"),
+                     name="fingerprint")
+
+
+def write_fingerprints(version_dir: Path, fingerprints: pd.Series) -> Path:
+    path = Path(version_dir) / "assets.extra" / FINGERPRINTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fingerprints.reset_index().to_parquet(path, index=False)
+    return path
+
+
+def read_fingerprints(version_dir: Path) -> pd.Series:
+    path = Path(version_dir) / "assets.extra" / FINGERPRINTS_FILE
+    if not path.is_file():
+        raise FullBuildNeeded(f"{path} is missing (the version was exported before "
+                              "incremental export existed), so changed catalog rows "
+                              "cannot be told apart")
+    table = pd.read_parquet(path)
+    return pd.Series(table["fingerprint"].to_numpy(np.uint64),
+                     index=pd.Index(table["item_id"].astype(str), name="item_id"))
+
+
+# -- towers ---------------------------------------------------------------------------
+
+@dataclass
+class TowerState:
+    """A restored tower's variables and lookup tables, by canonical object path
+    (the shortest path from the tower's root; the same for the same architecture)."""
+    variables: dict[str, np.ndarray]
+    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # path -> (keys, values), sorted by key
+    paths: dict[str, list[str]] = field(default_factory=dict)  # canonical -> every path
+    unreadable_tables: list[str] = field(default_factory=list)
+    objects: dict[str, object] = field(default_factory=dict)  # canonical -> variable/table
+
+    def id_embedding(self, id_feature: str) -> str:
+        """Canonical path of the item id embedding table (FullBuildNeeded unless one)."""
+        return _one(self, self.variables, id_feature, "embedding table",
+                    lambda v: v.ndim == 2 and v.dtype.kind == "f")
+
+    def id_vocabulary(self, id_feature: str) -> str:
+        """Canonical path of the item id lookup table (FullBuildNeeded unless one)."""
+        return _one(self, self.tables, id_feature, "vocabulary", lambda t: len(t[0]) > 0)
+
+
+def tower_root(loaded):
+    """The object holding ``embed`` and ``tower``: a run's ``towers/candidate`` as
+    loaded, or the ``tower`` inside an exported ``candidate_tower`` module."""
+    for obj in (loaded, getattr(loaded, "tower", None)):
+        if obj is not None and hasattr(obj, "embed") and hasattr(obj, "tower"):
+            return obj
+    raise FullBuildNeeded("the candidate tower SavedModel has no embed()/tower to compare")
+
+
+def tower_state(loaded) -> TowerState:
+    """Walk a restored tower's object graph (every path to every variable/table)."""
+    found, paths = {}, {}
+
+    def walk(obj, path, on_path, depth):
+        if isinstance(obj, tf.Variable) or _is_table(obj):
+            found[id(obj)] = obj
+            paths.setdefault(id(obj), []).append(path)
+            return
+        if depth > _MAX_DEPTH or id(obj) in on_path or not hasattr(obj, "_trackable_children"):
+            return
+        try:
+            children = obj._trackable_children()
+        except (TypeError, ValueError, AttributeError):
+            return
+        for name in sorted(children):
+            walk(children[name], f"{path}/{name}" if path else name, on_path | {id(obj)},
+                 depth + 1)
+
+    walk(tower_root(loaded), "", frozenset(), 0)
+    state = TowerState({}, {})
+    for key, obj in found.items():
+        canonical = min(paths[key], key=lambda p: (len(p), p))
+        state.paths[canonical] = sorted(paths[key])
+        state.objects[canonical] = obj
+        if isinstance(obj, tf.Variable):
+            state.variables[canonical] = obj.numpy()
+        else:
+            exported = _export_table(obj)
+            if exported is None:
+                state.unreadable_tables.append(canonical)
+            else:
+                state.tables[canonical] = exported
+    return state
+
+
+def _is_table(obj) -> bool:
+    return (hasattr(obj, "resource_handle") and not isinstance(obj, tf.Variable)
+            and ("Table" in type(obj).__name__ or type(obj).__name__ == "RestoredResource"))
+
+
+def _export_table(table):
+    """(keys, values) sorted by key of a string/int64 -> int64 lookup table, or None."""
+    for key_dtype in (tf.string, tf.int64):
+        try:
+            keys, values = tf.raw_ops.LookupTableExportV2(
+                table_handle=table.resource_handle, Tkeys=key_dtype, Tvalues=tf.int64)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                tf.errors.NotFoundError, tf.errors.FailedPreconditionError):
+            continue
+        keys = keys.numpy()
+        keys = keys.astype(str).astype(object) if key_dtype == tf.string else keys
+        order = np.argsort(keys, kind="stable")
+        return keys[order], values.numpy()[order]
+    return None
+
+
+@dataclass
+class IdRowChanges:
+    """How the item id embedding table moved between two towers."""
+    variable: str                 # its canonical path
+    old_rows: pd.Series           # item id -> row, in the old vocabulary
+    new_rows: pd.Series           # ... in the new one
+    changed_rows: np.ndarray      # bool [new table rows]: content differs or the row is new
+    oov_changed: bool             # an out-of-vocabulary row changed
+
+    def items_moved(self, item_ids: np.ndarray) -> np.ndarray:
+        """bool [n]: the item's id embedding differs between the towers."""
+        ids = pd.Index(np.asarray(item_ids).astype(str))
+        old = self.old_rows.reindex(ids).to_numpy()
+        new = self.new_rows.reindex(ids).to_numpy()
+        in_old, in_new = ~np.isnan(old), ~np.isnan(new)
+        rows = np.where(in_new, new, 0).astype(np.int64)
+        moved = (in_old != in_new) | (in_new & (old != new))
+        moved |= in_new & self.changed_rows[rows]
+        moved |= ~in_old & ~in_new & self.oov_changed
+        return moved
+
+
+def compare_towers(old: TowerState, new: TowerState, id_feature: str) -> IdRowChanges:
+    """The id embedding changes, if nothing else differs; else FullBuildNeeded."""
+    if set(old.variables) != set(new.variables) or set(old.tables) != set(new.tables):
+        raise FullBuildNeeded("the candidate towers' variables or tables differ in name "
+                              "(architecture changed)")
+    variable, table = new.id_embedding(id_feature), new.id_vocabulary(id_feature)
+    for path, value in new.variables.items():
+        before = old.variables[path]
+        if path == variable:
+            if before.shape[1:] != value.shape[1:]:
+                raise FullBuildNeeded(f"the item id embedding table {path} changed width")
+        elif before.shape != value.shape or before.tobytes() != value.tobytes():
+            raise FullBuildNeeded(f"candidate tower variable {path} differs (only the item "
+                                  "id embeddings may change in an incremental export)")
+    for path, (keys, values) in new.tables.items():
+        old_keys, old_values = old.tables[path]
+        if path != table and not (np.array_equal(keys, old_keys)
+                                  and np.array_equal(values, old_values)):
+            raise FullBuildNeeded(f"candidate tower lookup table {path} differs (another "
+                                  "feature's vocabulary changed)")
+    before, after = old.variables[variable], new.variables[variable]
+    common = min(len(before), len(after))
+    changed = np.ones(len(after), bool)
+    changed[:common] = (before[:common] != after[:common]).any(axis=1)
+    old_keys, old_values = old.tables[table]
+    new_keys, new_values = new.tables[table]
+    old_oov = set(range(common)) - set(old_values.tolist())
+    new_oov = set(range(len(after))) - set(new_values.tolist())
+    if old_oov != {r for r in new_oov if r < common}:
+        raise FullBuildNeeded(f"the out-of-vocabulary rows of {table} changed")
+    return IdRowChanges(
+        variable,
+        pd.Series(old_values, index=pd.Index(old_keys.astype(str))),
+        pd.Series(new_values, index=pd.Index(new_keys.astype(str))),
+        changed, bool(any(changed[r] for r in new_oov)))
+
+
+def _one(state: TowerState, candidates: dict, id_feature: str, what: str, accept) -> str:
+    """The single candidate reachable through a path with a component ``id_feature``."""
+    hits = [p for p, v in candidates.items() if accept(v)
+            and any(id_feature in q.split("/") for q in state.paths[p])]
+    if len(hits) != 1:
+        raise FullBuildNeeded(f"expected one item id ({id_feature!r}) {what} in the candidate "
+                              f"tower, found {len(hits)}: {hits[:4]}")
+    return hits[0]
+
+
+def _contains(index: pd.Index, values: pd.Index) -> np.ndarray:
+    """bool [len(values)]: value is in ``index`` (a hash lookup; pandas' isin on
+    Arrow-backed strings walks them in Python: 20 s for 1M ids)."""
+    return index.get_indexer(values) >= 0
+
+
+# -- the plan -------------------------------------------------------------------------
+
+@dataclass
+class UpdatePlan:
+    """Item ids to embed again, to delete, and why (counts may overlap)."""
+    reembed: np.ndarray
+    deleted: np.ndarray
+    unchanged: np.ndarray
+    reasons: dict[str, int]
+
+
+def plan_update(index_ids: np.ndarray, old_fingerprints: pd.Series,
+                new_fingerprints: pd.Series, id_changes: IdRowChanges) -> UpdatePlan:
+    """Compare the previous index's items with the new catalog."""
+    index_ids = pd.Index(np.asarray(index_ids).astype(str))
+    if len(index_ids) != len(old_fingerprints) or not _contains(old_fingerprints.index,
+                                                               index_ids).all():
+        raise FullBuildNeeded("the previous version's catalog fingerprints do not list "
+                              "exactly its index's items")
+    new_ids = new_fingerprints.index
+    is_new = ~_contains(index_ids, new_ids)
+    old_fp = old_fingerprints.reindex(new_ids)
+    row_changed = ~is_new & (old_fp.to_numpy() != new_fingerprints.to_numpy())
+    id_moved = id_changes.items_moved(new_ids.to_numpy())
+    reembed = is_new | row_changed | id_moved
+    deleted = index_ids[~_contains(new_ids, index_ids)]
+    return UpdatePlan(
+        reembed=new_ids[reembed].to_numpy(dtype=object),
+        deleted=deleted.to_numpy(dtype=object),
+        unchanged=new_ids[~reembed].to_numpy(dtype=object),
+        reasons={"new_items": int(is_new.sum()), "catalog_rows_changed": int(row_changed.sum()),
+                 "id_embedding_changed": int((id_moved & ~is_new).sum())})
