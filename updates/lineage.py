@@ -9,9 +9,12 @@ never parents, so a refused or broken update never poisons the next one.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -70,3 +73,24 @@ def write_json_atomic(path: Path, content: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(content, indent=2))
     os.replace(tmp, path)
+
+
+@contextmanager
+def update_lock(runs_dir: Path):
+    """One update at a time per RUNS_DIR (an OS file lock: a killed update
+    leaves none). Holding it, staging directories of update runs are leftovers
+    of killed updates and are removed."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(runs_dir / ".update.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LineageError(f"another update of {runs_dir} is running") from None
+        for stale in runs_dir.glob("*.staging"):
+            if _NAME.match(stale.name.removesuffix(".staging")):
+                shutil.rmtree(stale, ignore_errors=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

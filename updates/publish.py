@@ -24,6 +24,7 @@ from export.scann_tuning import ScannParams
 from export.versioning import existing_versions, export_lock, is_complete, next_version
 
 INTENT_FILE = ".update-publish.json"
+SKIPPED_FILE = ".update-skipped.json"   # a removed half-published version: never reused
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ def repair_cut_publish(model_base: Path) -> Optional[int]:
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
             removed = version
+            # the number stays taken: a server may have loaded it from one model
+            (Path(model_base) / SKIPPED_FILE).write_text(json.dumps({"version": version}))
         intent.unlink()
     return removed
 
@@ -60,6 +63,9 @@ def publish_run(run_dir: Path, model_base: Path, options: PublishOptions) -> Exp
     model_base = Path(model_base)
     model_base.mkdir(parents=True, exist_ok=True)
     version = next_version(model_base, list(ALL_MODELS))
+    skipped = model_base / SKIPPED_FILE
+    if skipped.is_file():
+        version = max(version, int(json.loads(skipped.read_text())["version"]) + 1)
     intent = model_base / INTENT_FILE
     intent.write_text(json.dumps({"version": version, "run": str(run_dir)}))
     result = export_run(run_dir, model_base, ExportOptions(

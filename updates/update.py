@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import pandas as pd
 import tensorflow as tf
+import yaml
 
 from trainer import run_dir as run_dirs
 from trainer.batches import TrainingBatches
-from trainer.config import RunConfig, dump_config, load_config
+from trainer.config import (RunConfig, _resolve_paths, deep_merge, dump_config, load_config,
+                            parse_config)
 from trainer.data import DataError, load_tables
 from trainer.data.tables import ensure_entity_table
 from trainer.data.windows import cut_window, describe_window
@@ -32,7 +35,7 @@ from trainer.saving import save_run_artifacts
 from trainer.train import evaluate_model, fit, run_metrics
 from updates import gate as gates
 from updates.lineage import (PUBLISHED_FILE, UPDATE_FILE, latest_run, next_run_dir,
-                             read_update, write_json_atomic)
+                             read_update, update_lock, write_json_atomic)
 from updates.model_state import (freeze_all_but_ids, id_encoders, restore_model,
                                  set_vocabularies, unfreeze)
 from updates.publish import PublishOptions, prune, publish_run, repair_cut_publish
@@ -82,8 +85,17 @@ class UpdateResult:
 
 
 def _config(parent: Path, options: UpdateOptions) -> RunConfig:
-    overrides = [options.config] if options.config else []
-    config = load_config(parent / "config.yaml", overrides)
+    """The parent's config with ``--config`` merged over it (a data section of
+    another kind replaces the parent's instead of merging into it)."""
+    raw = yaml.safe_load((parent / "config.yaml").read_text())
+    if options.config:
+        over = yaml.safe_load(Path(options.config).read_text()) or {}
+        if over.get("data", {}).get("kind", raw["data"]["kind"]) != raw["data"]["kind"]:
+            raw["data"] = {}
+        raw = deep_merge(raw, over)
+    config = parse_config(raw, f"{parent / 'config.yaml'} + {options.config}")
+    if options.config:   # relative data paths are relative to the file that names them
+        config = _resolve_paths(config, Path(options.config).parent)
     if options.data_path:
         if not hasattr(config.data, "path"):
             raise UpdateError(f"--data given but data.kind={config.data.kind} reads no path")
@@ -91,12 +103,19 @@ def _config(parent: Path, options: UpdateOptions) -> RunConfig:
     return config
 
 
-def _parent_end(parent: Path) -> int:
-    """Where the parent's data ended (new data starts here)."""
+def _parent_end(parent: Path, config: RunConfig) -> int:
+    """Where the parent's data window ended (new data starts here)."""
     update = read_update(parent)
     if update is not None:
         return int(update["window"]["until"])
-    import pandas as pd
+    return config.data.until if config.data.until is not None else _trained_until(parent)
+
+
+def _trained_until(parent: Path) -> int:
+    """The end of what the parent trained on (its held-out slice starts here)."""
+    update = read_update(parent)
+    if update is not None:
+        return int(update["trained_until"])
     return int(pd.read_parquet(parent / "seen.parquet")["timestamp"].max()) + 1
 
 
@@ -109,22 +128,21 @@ def _window(config: RunConfig, parent: Path, kind: Kind, options: UpdateOptions)
         raise UpdateError(f"cannot read the update's data: {err}") from err
     ts = everything.interactions["timestamp"]
     until = options.until if options.until is not None else int(ts.max()) + 1
-    parent_end = _parent_end(parent)
+    parent_end = _parent_end(parent, load_config(parent / "config.yaml"))
     if options.window_seconds is not None:
         since = until - options.window_seconds
     elif kind == "full":
         since = until - _DAY
     else:   # incremental: everything after what the parent trained on
-        update = read_update(parent)
-        since = int(update["trained_until"]) if update else parent_end
-    window = describe_window(since, until)
-    if until <= parent_end or not ((ts >= max(since, parent_end)) & (ts < until)).any():
-        raise UpdateError(f"data window {window} holds no data newer than the parent run "
-                          f"{parent}, whose data ends at {parent_end} (unix seconds)")
+        since = _trained_until(parent)
     try:
         tables = cut_window(everything, since, until)
     except DataError as err:
         raise UpdateError(str(err)) from err
+    if until <= parent_end or not ((ts >= max(since, parent_end)) & (ts < until)).any():
+        raise UpdateError(f"data window {describe_window(since, until)} holds no data newer "
+                          f"than the parent run {parent}, whose data ends at {parent_end} "
+                          "(unix seconds)")
     tables.users = ensure_entity_table(tables.users, "user_id",
                                        tables.interactions["user_id"].to_numpy())
     tables.items = ensure_entity_table(tables.items, "item_id",
@@ -134,11 +152,8 @@ def _window(config: RunConfig, parent: Path, kind: Kind, options: UpdateOptions)
 
 def _grow(model, parent: Path, prepared, options: UpdateOptions, since: int, until: int):
     """Admit / expire ids by the clicks seen so far; returns (stats, per-feature summary)."""
-    update = read_update(parent)
-    counted_from = update["trained_until"] if update else None
-    clicks = prepared.splits.train_positives
-    if counted_from is not None:   # windows overlap: count each click once
-        clicks = clicks[clicks["timestamp"] >= int(counted_from)]
+    clicks = prepared.splits.train_positives   # windows overlap: count each click once
+    clicks = clicks[clicks["timestamp"] >= _trained_until(parent)]
     stats = IdStats.load(parent, _ID_COLUMNS).plus(IdStats.of_clicks(clicks, _ID_COLUMNS))
     changes, summary = {}, {}
     for side, encoder in id_encoders(model):
@@ -175,9 +190,6 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     if kind not in ("full", "incremental"):
         raise UpdateError(f"unknown update kind {kind!r} (full or incremental)")
     runs_dir, model_base = Path(runs_dir), Path(model_base)
-    repaired = repair_cut_publish(model_base)
-    if repaired is not None:
-        log.warning("removed version %d, left half-published by a killed update", repaired)
     parent = latest_run(runs_dir)
     config = _config(parent, options)
     tables, since, until = _window(config, parent, kind, options)
@@ -240,6 +252,14 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
 def run_update(kind: Kind, runs_dir: Path, model_base: Path,
                options: UpdateOptions = UpdateOptions()) -> UpdateResult:
     """Train, gate and publish one update; raises UpdateError / GateRefused."""
+    with update_lock(runs_dir):
+        return _run_update(kind, runs_dir, model_base, options)
+
+
+def _run_update(kind, runs_dir, model_base, options) -> UpdateResult:
+    skip = repair_cut_publish(Path(model_base))
+    if skip is not None:
+        log.warning("removed version %d, left half-published by a killed update", skip)
     candidate = train_candidate(kind, runs_dir, model_base, options)
     out, gate, seconds = candidate.out, candidate.gate, candidate.seconds
     if not gate.passed:
