@@ -171,3 +171,55 @@ def test_no_run_to_update(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(LineageError, match=r"holds no finished run with model state"):
         latest_run(tmp_path / "runs")
+
+
+def test_scheduled_commands_parse_with_the_update_cli():
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from updates.cli import parse_args
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    jobs = [d for d in yaml.safe_load_all((deploy / "k8s" / "updates-cronjob.yaml").read_text())
+            if d["kind"] == "CronJob"]
+    kinds = []
+    for job in jobs:
+        container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"] == ["twotower-update"]
+        args = parse_args(container["args"])
+        kinds.append(args.kind)
+        assert (args.runs, args.models, args.keep) == (Path("/runs"), Path("/models"), 3)
+        assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    assert kinds == ["full", "incremental"]
+    lines = [line for line in (deploy / "updates.crontab").read_text().splitlines()
+             if line and not line.startswith("#") and "=" not in line.split()[0]]
+    for line in lines:
+        words = shlex.split(line.replace("$RUNS", "/r").replace("$MODELS", "/m"))
+        words = words[:words.index(">>")]
+        assert parse_args(words[words.index("twotower-update") + 1:]).runs == Path("/r")
+    assert len(lines) == 2
+
+
+def test_pruning_keeps_what_a_server_may_serve(tmp_path):
+    from pathlib import Path
+
+    from updates.publish import prune, serving_num_versions
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    assert serving_num_versions(deploy / "models.config") == 1
+    config = tmp_path / "two.config"
+    config.write_text('model_config_list { config { name: "retrieval" base_path: "/m" '
+                      'model_version_policy { latest { num_versions: 2 } } } }')
+    assert serving_num_versions(config) == 2
+    for m in ("query_tower", "candidate_tower", "retrieval", "retrieval_exact"):
+        for v in (1, 2, 3, 4):
+            (tmp_path / "base" / m / str(v) / "variables").mkdir(parents=True)
+            (tmp_path / "base" / m / str(v) / "saved_model.pb").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"--keep 2: a server serving the latest 2 "
+                                         r"version\(s\) needs at least 3 on disk"):
+        prune(tmp_path / "base", 2, serving_num_versions=2)
+    removed = prune(tmp_path / "base", 3, serving_num_versions=2)
+    assert sorted(p.name for p in removed) == ["1"] * 4
+    assert sorted(p.name for p in (tmp_path / "base" / "retrieval").iterdir()) == ["2", "3", "4"]

@@ -26,15 +26,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "the last day), 'incremental' only the user/item id embeddings (default "
                     "window: everything since the parent run). The candidate is published "
                     "only if its HR@K on the newest part of the window is not worse than the "
-                    "served version's by more than the margin (exit 3 otherwise).")
-    p.add_argument("kind", choices=["full", "incremental"])
+                    "served version's by more than the margin (exit 3 otherwise). 'init' "
+                    "trains RUNS/initial from --config (a full run config), publishes it as "
+                    "the first version and prints how to serve and query it.")
+    p.add_argument("kind", choices=["init", "full", "incremental"])
     p.add_argument("--runs", type=Path, required=True,
                    help="runs directory: the latest published run (or an initial "
                         "python -m trainer run) is the parent, the new run is written here")
     p.add_argument("--models", type=Path, required=True,
                    help="served model base (TF Serving layout) to publish into")
     p.add_argument("--config", type=Path, default=None,
-                   help="partial YAML config merged over the parent run's config")
+                   help="partial YAML config merged over the parent run's config (init: "
+                        "the run config, e.g. configs/synthetic.yaml)")
     p.add_argument("--data", default=None, help="override data.path (kinds that read files)")
     p.add_argument("--until", default=None,
                    help="window end, unix seconds or ISO-8601 (default: end of the data)")
@@ -67,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 < args.holdout < 1.0:
         p.error(f"--holdout must be in (0, 1), got {args.holdout}")
+    if args.kind == "init" and args.config is None:
+        p.error("init needs --config (the run config to train, e.g. configs/synthetic.yaml)")
     if args.epochs < 1 or args.min_count < 1:
         p.error("--epochs and --min-count must be at least 1")
     return args
@@ -83,6 +88,7 @@ def main(argv=None) -> int:
     from export.verify import ExportCheckError
     from export.versioning import VersionError
     from trainer.config import ConfigError, unix_seconds
+    from trainer.data import DataError
     from updates.lineage import LineageError
     from updates.model_state import StateError
     from updates.publish import PublishOptions, serving_num_versions
@@ -99,12 +105,20 @@ def main(argv=None) -> int:
                 k=args.k, recall_target=args.recall_target, native_check=args.native_check,
                 progress=not args.quiet, keep=args.keep,
                 serving_num_versions=serving_num_versions(args.model_config_file)))
+        if args.kind == "init":
+            from updates.init import start_lineage
+            started = start_lineage(args.config, args.runs, args.models, options.publish,
+                                    verbose=2 if args.quiet else None)
+            print(f"trained {started.run}, published version {started.version} into "
+                  f"{args.models}\nserve it:\n  {started.serve_command}\nquery it:\n  "
+                  f"{started.curl_command}")
+            return 0
         result = run_update(args.kind, args.runs, args.models, options)
     except GateRefused as err:
         print(f"update refused: {err}", file=sys.stderr)
         return 3
-    except (UpdateError, LineageError, StateError, ConfigError, RunError, VersionError,
-            ExportCheckError, ValueError, OSError) as err:
+    except (UpdateError, LineageError, StateError, ConfigError, DataError, RunError,
+            VersionError, ExportCheckError, ValueError, OSError) as err:
         print(f"update failed, nothing published: {err}", file=sys.stderr)
         return 2
     print(f"{args.kind} update {result.run.name}: published version {result.version} "

@@ -46,8 +46,8 @@ def repair_cut_publish(model_base: Path) -> Optional[int]:
     version = int(json.loads(intent.read_text())["version"])
     with export_lock(Path(model_base)):
         dirs = [Path(model_base) / m / str(version) for m in ALL_MODELS]
-        if all(is_complete(d) for d in dirs):
-            removed = None          # the publish finished; only its intent was left
+        if all(is_complete(d) for d in dirs) or not any(d.exists() for d in dirs):
+            removed = None          # the publish finished, or never began renaming
         else:
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
