@@ -73,6 +73,7 @@ class UpdateOptions:
     expire_days: Optional[float] = None
     publish: PublishOptions = field(default_factory=PublishOptions)
     verbose: int = 0
+    tables: Optional[object] = None       # the whole data, already loaded (benchmarks)
 
 
 @dataclass
@@ -123,7 +124,7 @@ def _window(config: RunConfig, parent: Path, kind: Kind, options: UpdateOptions)
     """(tables of the window, since, until); errors name the window or the file."""
     data = config.data.model_copy(update={"since": None, "until": None})
     try:
-        everything = load_tables(data)
+        everything = options.tables if options.tables is not None else load_tables(data)
     except (DataError, OSError) as err:
         raise UpdateError(f"cannot read the update's data: {err}") from err
     ts = everything.interactions["timestamp"]
