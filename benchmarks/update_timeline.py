@@ -171,6 +171,7 @@ def replay(name, config_path, world, start, period, periods, warmup, per_day,
                      "hr100": float(np.mean([h[1] for h in hr.values()])),
                      "last10": hr[max(hr)][0], "last100": hr[max(hr)][1],
                      "updates": len(events)})
+        log(f"{name} {schedule}: " + json.dumps(rows[-1], default=str))
     return rows, walls
 
 

@@ -48,20 +48,14 @@ def _user_inputs(run, user_ids):
     return feature_columns(users.reset_index(), spec, "users")
 
 
-def _model_config(base, path):
-    path.write_text("model_config_list {\n" + "".join(
-        f'  config {{ name: "{m}" base_path: "{base / m}" model_platform: "tensorflow" }}\n'
-        for m in MODELS) + "}\n")
-    return path
-
-
 def test_updates_are_served_without_restart_or_failures(tmp_path):
     from updates.update import GateRefused, run_update
 
     runs, base = train_initial(tmp_path), tmp_path / "models"
     first = run_update("full", runs, base, _options(DAY2 + 43200))
     assert first.version == 1
-    config = _model_config(base, tmp_path / "models.config")
+    from updates.init import write_model_config
+    config = write_model_config(base)
     with running_server([f"--model_config_file={config}",
                          "--file_system_poll_wait_seconds=0.2"],
                         str(tmp_path / "server.log")) as server:
