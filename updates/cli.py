@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     for name in ("updates", "trainer"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).propagate = False
     from export.run_artifacts import RunError
     from export.verify import ExportCheckError
     from export.versioning import VersionError
