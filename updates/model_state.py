@@ -129,6 +129,8 @@ def freeze_all_but_ids(model: TwoTowerModel) -> list[tf.keras.layers.Layer]:
                 frozen.append(layer)
 
     freeze([model.query_tower, model.candidate_tower, model.objective])
+    for _, encoder in id_encoders(model):   # a history encoder may hold the item table
+        encoder.trainable = True
     model.compile(optimizer=model.optimizer)   # the train step sees the new trainable set
     return frozen
 
