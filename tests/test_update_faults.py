@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from update_world import DAY2, train_initial
+from update_world import DAY2, copy_runs, shared_initial
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("query_tower", "candidate_tower", "retrieval", "retrieval_exact")
@@ -32,7 +32,7 @@ def served(tmp_path_factory):
     from updates.update import UpdateOptions, run_update
 
     root = tmp_path_factory.mktemp("faults")
-    runs = train_initial(root)
+    runs = copy_runs(shared_initial(tmp_path_factory), root)
     run_update("full", runs, root / "models",
                UpdateOptions(until=DAY2 + 43200, publish=_publish_options()))
     return runs, root / "models"

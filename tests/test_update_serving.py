@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2
 
-from update_world import DAY2, DAY3, train_initial
+from update_world import DAY2, DAY3, copy_runs, shared_initial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "serving"))
 from serving_harness import running_server, statuses, wait_for  # noqa: E402
@@ -48,10 +48,10 @@ def _user_inputs(run, user_ids):
     return feature_columns(users.reset_index(), spec, "users")
 
 
-def test_updates_are_served_without_restart_or_failures(tmp_path):
+def test_updates_are_served_without_restart_or_failures(tmp_path, tmp_path_factory):
     from updates.update import GateRefused, run_update
 
-    runs, base = train_initial(tmp_path), tmp_path / "models"
+    runs, base = copy_runs(shared_initial(tmp_path_factory), tmp_path), tmp_path / "models"
     first = run_update("full", runs, base, _options(DAY2 + 43200))
     assert first.version == 1
     from updates.init import write_model_config

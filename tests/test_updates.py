@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from update_world import DAY2, DAY3, copy_runs, train_initial
+from update_world import DAY2, DAY3, copy_runs, shared_initial
 
 
 @pytest.fixture(scope="module")
 def initial_runs(tmp_path_factory):
-    return train_initial(tmp_path_factory.mktemp("upd"))
+    return shared_initial(tmp_path_factory)
 
 
 @pytest.fixture

@@ -25,6 +25,15 @@ def train_initial(root):
     return runs
 
 
+def shared_initial(tmp_path_factory):
+    """The initial run, trained once per test session (the update test modules
+    share it; each test copies it before updating)."""
+    root = tmp_path_factory.getbasetemp() / "drift-initial"
+    if not (root / "runs" / "initial" / "model").is_dir():
+        train_initial(root)
+    return root / "runs"
+
+
 def copy_runs(src, dst):
     """A fresh copy of a runs dir (each test updates its own lineage)."""
     import shutil
