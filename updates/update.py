@@ -195,14 +195,13 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     config = _config(parent, options)
     tables, since, until = _window(config, parent, kind, options)
     holdout_days = options.holdout * (until - since) / _DAY
-    config = config.model_copy(update={
-        "data": config.data.model_copy(update={"since": since, "until": until}),
-        "training": config.training.model_copy(update={
-            "epochs": options.epochs, "validation_fraction": 0.0,
-            "early_stopping_patience": 0}),
-        "evaluation": config.evaluation.model_copy(update={
-            "protocol": "temporal", "test_days": holdout_days,
-            "ks": sorted(set(config.evaluation.ks) | {options.gate_k})})})
+    raw = config.model_dump(mode="json")
+    raw["data"].update(since=since, until=until)
+    raw["training"].update(epochs=options.epochs, early_stopping_patience=0, **{
+        k: 0.0 for k in ("validation_fraction", "validation_days") if k in raw["training"]})
+    raw["evaluation"].update(protocol="temporal", test_days=holdout_days,
+                             ks=sorted(set(config.evaluation.ks) | {options.gate_k}))
+    config = parse_config(raw, f"the update's config (parent {parent})")
     try:
         prepared = prepare_data(config, tables)
     except ValueError as err:
