@@ -37,7 +37,7 @@ def save_model_state(out: Path, model) -> None:
     its optimizer's config and one checkpoint of weights plus optimizer slots.
 
     The per-epoch ``checkpoints/`` may predate an early-stopping restore; this
-    is the model as saved. Restore with ``updates.model_state.restore_model``.
+    is the model as saved (model updates restore it: docs/UPDATES.md).
     """
     state = out / MODEL_STATE
     state.mkdir(parents=True, exist_ok=True)
