@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["trainer*", "export*", "serving*"]),
+    packages=find_packages(include=["trainer*", "export*", "serving*", "updates*"]),
     package_data={"export": ["native/*.cc"]},
     install_requires=[
         # The checked stack (../shared/GUIDE.md section 1): scann[tf] 1.4.2 pins
@@ -52,6 +52,7 @@ setup(
             "twotower-export=export.cli:main",
             "twotower-serve=serving.cli:main",
             "twotower-client=serving.client_cli:main",
+            "twotower-update=updates.cli:main",
         ],
     },
 )

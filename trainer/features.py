@@ -86,21 +86,37 @@ class _Vocabulary:
         terms = self.vocabulary_terms()
         known = set(terms)
         added = list(dict.fromkeys(t for t in self._split(values) if t not in known))
-        if not added:
-            return []
-        size = self.num_oov_buckets + len(terms) + len(added)
+        if added:
+            self.set_terms(terms + added)
+        return added
+
+    def set_terms(self, terms: list[str], fresh_rows=()) -> None:
+        """Replace the vocabulary by ``terms`` (the old one's length or longer).
+
+        Entry j keeps its row j: rows of entries that stay keep their vectors bit
+        for bit; appended rows and the rows in ``fresh_rows`` (entries given to
+        another value, e.g. reused rows of expired ids) get fresh initial values.
+        """
+        old_size = self.num_oov_buckets + len(self.vocabulary_terms())
+        size = self.num_oov_buckets + len(terms)
+        if size < old_size:
+            raise ValueError(f"encoder '{self.name}': a vocabulary only grows "
+                             f"({old_size} rows, {size} asked)")
         if self.max_tokens is not None and size > self.max_tokens:
-            raise ValueError(f"encoder '{self.name}': growing the vocabulary by {len(added)} "
-                             f"values needs {size} rows, over max_tokens={self.max_tokens}")
-        self.terms = terms + added
+            raise ValueError(f"encoder '{self.name}': the vocabulary needs {size} rows, "
+                             f"over max_tokens={self.max_tokens}")
+        self.terms = list(terms)
         if self.built:
             self.lookup.set_vocabulary(list(self.terms))
             old = self.embedding.embeddings
             self.embedding = _embedding_for(self, size)
-            self.embedding.build(None)  # fresh initial values; the old rows go on top
+            self.embedding.build(None)  # fresh initial values; the kept rows go on top
             new = self.embedding.embeddings
-            new.assign(tf.concat([old, new[old.shape[0]:]], axis=0))
-        return added
+            keep = np.ones(old_size, dtype=bool)
+            keep[np.asarray(list(fresh_rows), dtype=np.int64)] = False
+            merged = tf.concat([tf.where(keep[:, None], old, new[:old_size]),
+                                new[old_size:]], axis=0)
+            new.assign(merged)
 
 
 @tf.keras.utils.register_keras_serializable(package="trainer")

@@ -29,6 +29,24 @@ def save_tower(tower: Tower, path: Path) -> None:
     tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
 
 
+MODEL_STATE = "model"   # config.json, optimizer.json, state.* (a tf.train.Checkpoint)
+
+
+def save_model_state(out: Path, model) -> None:
+    """What a model update restores: the model's config (vocabularies included),
+    its optimizer's config and one checkpoint of weights plus optimizer slots.
+
+    The per-epoch ``checkpoints/`` may predate an early-stopping restore; this
+    is the model as saved (model updates restore it: docs/UPDATES.md).
+    """
+    state = out / MODEL_STATE
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "config.json").write_text(json.dumps(model.get_config()))
+    (state / "optimizer.json").write_text(
+        json.dumps(tf.keras.optimizers.serialize(model.optimizer)))
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(state / "state"))
+
+
 def feature_spec(config: RunConfig, embedding_dim: int) -> dict:
     def describe(specs):
         out = []
@@ -54,6 +72,7 @@ def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos: p
                        metrics: dict, history: dict) -> None:
     save_tower(model.query_tower, out / "towers" / "query")
     save_tower(model.candidate_tower, out / "towers" / "candidate")
+    save_model_state(out, model)
     dim = model.candidate_tower.embedding_dim
     (out / "feature_spec.json").write_text(json.dumps(feature_spec(config, dim), indent=2))
     item_cols = [s.name for s in config.features.item]

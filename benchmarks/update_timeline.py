@@ -1,0 +1,275 @@
+"""Replay a timeline under update schedules; score each served model on the
+window that follows it (issue 13 item 8). Not a test.
+
+    python benchmarks/update_timeline.py [--days 14] [--per-day 4] [--ml100k DIR]
+
+World: configs/drifting.yaml (periods = days) and, with --ml100k, MovieLens
+100K by weeks (periods = weeks). The initial model trains on the first
+``--warmup`` periods; then, per period, the schedules:
+
+- stale: never updated;
+- full: one full update at each period start (trained on the last period);
+- full+inc: the full update plus ``--per-day`` incremental ones spread over the period;
+- inc-only: incremental updates only, at the same times and at the period start;
+- full+inc streaming: full+inc with objective.logq: streaming (the others: static counts).
+
+Each served model is scored on the clicks between its publication and the
+next one (temporal: each user's earlier clicks excluded, catalog = items
+alive in that span): HR@10 / HR@100 per period. Updates go through
+updates.update.train_candidate (restore, grow, train, gate); the last
+``--export-periods`` periods of full+inc also export and publish for real,
+which gives the wall times per update kind split into train / export /
+publish. The other updates are committed without an export (marked
+``"exported": false`` in published.json): the scores use the same in-memory
+towers that export would embed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from trainer.config import dump_config, load_config  # noqa: E402
+from trainer.data import load_tables  # noqa: E402
+from trainer.data.windows import cut_window  # noqa: E402
+from trainer.evaluation import embedding_scores, evaluate  # noqa: E402
+from trainer.prepare import EncodedTables  # noqa: E402
+from trainer.towers import TowerEmbedder  # noqa: E402
+from trainer.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def score_span(model, tables, specs, a, b):
+    """(hits@10, hits@100, pairs) of ``model`` on the clicks in [a, b)."""
+    clicks = tables.interactions[tables.interactions["clicked"] == 1]
+    test = clicks[(clicks["timestamp"] >= a) & (clicks["timestamp"] < b)]
+    if test.empty:
+        return 0, 0, 0
+    items = cut_window(tables, a, b).items
+    users = tables.users[tables.users["user_id"].isin(test["user_id"])]
+    enc = EncodedTables.build(users.reset_index(drop=True), items.reset_index(drop=True),
+                              specs[0], specs[1])
+    test = test[test["item_id"].astype(str).isin(enc.item_index)]
+    known = clicks[(clicks["timestamp"] < a) & clicks["user_id"].isin(users["user_id"])
+                   & clicks["item_id"].astype(str).isin(enc.item_index)]
+    scores = embedding_scores(TowerEmbedder(model.query_tower)(enc.user_features),
+                              TowerEmbedder(model.candidate_tower)(enc.item_features))
+    result = evaluate(scores, enc.eval_set(known, test), ks=(10, 100))
+    n = len(test)
+    return result["hr@10"] * n, result["hr@100"] * n, n
+
+
+def update_times(schedule, start, period, periods, warmup, per_day):
+    """[(time, kind)] of a schedule."""
+    out = []
+    for p in range(warmup, periods):
+        t0 = start + p * period
+        if schedule in ("full", "full+inc", "full+inc streaming") and p > warmup:
+            out.append((t0, "full"))
+        if schedule == "inc-only" and p > warmup:
+            out.append((t0, "incremental"))
+        if schedule.startswith("full+inc") or schedule == "inc-only":
+            out += [(t0 + j * period // (per_day + 1), "incremental")
+                    for j in range(1, per_day + 1)]
+    return out
+
+
+def replay(name, config_path, world, start, period, periods, warmup, per_day,
+           export_periods, schedules, work: Path, log):
+    from updates.model_state import restore_model
+    from updates.publish import PublishOptions
+    from updates.update import GateRefused, UpdateOptions, run_update, train_candidate
+    from trainer import run_dir as run_dirs
+    from trainer.batches import TrainingBatches
+    from trainer.prepare import prepare_data
+    from updates.lineage import PUBLISHED_FILE, write_json_atomic
+
+    config = load_config(config_path)
+    specs = (config.features.user, config.features.item)
+    end = start + periods * period
+    initial = {}
+    rows, walls = [], defaultdict(list)
+    for schedule in schedules:
+        streaming = schedule.endswith("streaming")
+        base_cfg = config.model_copy(deep=True)
+        if streaming:
+            base_cfg.objective.logq = "streaming"
+        key = "streaming" if streaming else "static"
+        if key not in initial:
+            c = base_cfg.model_copy(deep=True)
+            c.data.since, c.data.until = None, start + warmup * period
+            c.evaluation.protocol, c.evaluation.test_days = "temporal", period / 86400 * 0.1
+            t = time.perf_counter()
+            path = work / f"initial-{key}" / "runs" / "initial"
+            train(c, path, tables=cut_window(world, None, c.data.until), verbose=0)
+            initial[key] = path.parent
+            log(f"{name}: initial ({key} logQ) trained in {time.perf_counter() - t:.0f} s")
+        runs = work / schedule.replace(" ", "_") / "runs"
+        shutil.copytree(initial[key], runs)
+        models = work / schedule.replace(" ", "_") / "models"
+        c = load_config(runs / "initial" / "config.yaml")
+        prepared = prepare_data(c, cut_window(world, None, start + warmup * period))
+        model = restore_model(runs / "initial", next(iter(
+            TrainingBatches(prepared, c).dataset(c.training.batch_size, 0))))
+        events = update_times(schedule, start, period, periods, warmup, per_day)
+        served_from = start + warmup * period
+        per_period = defaultdict(lambda: np.zeros(3))
+        for (t, kind) in events + [(end, None)]:
+            # score the model served over [served_from, t), split by period
+            a = served_from
+            while a < t:
+                p = (a - start) // period
+                b = min(t, start + (p + 1) * period)
+                per_period[p] += score_span(model, world, specs, a, b)
+                a = b
+            if kind is None:
+                break
+            exported = (schedule == "full+inc" and t >= end - export_periods * period)
+            options = UpdateOptions(until=t, tables=world, verbose=0, publish=PublishOptions(
+                k=100, progress=False))
+            started = time.perf_counter()
+            try:
+                if exported:
+                    result = run_update(kind, runs, models, options)
+                    walls[kind].append(result.seconds)
+                    model = None
+                else:
+                    cand = train_candidate(kind, runs, models, options)
+                    run_dirs.commit(cand.out)
+                    write_json_atomic(cand.out / PUBLISHED_FILE, {"exported": False})
+                    model = cand.model
+            except GateRefused as err:
+                log(f"{name} {schedule} {kind} at {t}: {err}")
+                continue
+            if model is None:   # exported: score the model it trained (same weights)
+                from updates.lineage import latest_run
+                run = latest_run(runs)
+                cc = load_config(run / "config.yaml")
+                prep = prepare_data(cc, cut_window(world, cc.data.since, cc.data.until))
+                model = restore_model(run, next(iter(
+                    TrainingBatches(prep, cc).dataset(cc.training.batch_size, 0))))
+            served_from = t
+            log(f"{name} {schedule}: {kind} update until {t} in "
+                f"{time.perf_counter() - started:.1f} s")
+        hr = {p: (v[0] / v[2], v[1] / v[2]) for p, v in sorted(per_period.items()) if v[2]}
+        rows.append({"world": name, "schedule": schedule, "per_period": hr,
+                     "hr10": float(np.mean([h[0] for h in hr.values()])),
+                     "hr100": float(np.mean([h[1] for h in hr.values()])),
+                     "last10": hr[max(hr)][0], "last100": hr[max(hr)][1],
+                     "updates": len(events)})
+        log(f"{name} {schedule}: " + json.dumps(rows[-1], default=str))
+    return rows, walls
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--days", type=int, default=14, help="days of the drifting world")
+    p.add_argument("--per-day", type=int, default=4, help="incremental updates per period")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="users/items of the drifting world x this (reduced runs)")
+    p.add_argument("--ml100k", default=None, help="MovieLens 100K directory (weekly replay)")
+    p.add_argument("--ml100k-weeks", type=int, default=0,
+                   help="weeks of ML-100K to replay (default: all)")
+    p.add_argument("--export-periods", type=int, default=1,
+                   help="last periods of full+inc that also export and publish")
+    p.add_argument("--output", type=Path, default=REPO / "docs" / "update_timeline")
+    args = p.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    schedules = ["stale", "full", "full+inc", "inc-only", "full+inc streaming"]
+    started = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="timeline-"))
+    rows, walls = [], defaultdict(list)
+    try:
+        cfg_path = work / "drifting.yaml"
+        config = load_config(REPO / "configs" / "drifting.yaml")
+        config.data.days = args.days
+        config.data.num_users = int(config.data.num_users * args.scale)
+        config.data.num_items = int(config.data.num_items * args.scale)
+        config.data.drift.new_users_per_day = int(config.data.drift.new_users_per_day
+                                                  * args.scale)
+        config.data.drift.new_items_per_day = int(config.data.drift.new_items_per_day
+                                                  * args.scale)
+        config.data.since = config.data.until = None
+        cfg_path.write_text(dump_config(config))
+        world = load_tables(config.data)
+        from trainer.data.drifting import START
+        r, w = replay("drifting", cfg_path, world, START, 86400, args.days, 1, args.per_day,
+                      args.export_periods, schedules, work / "drifting", log)
+        rows += r
+        for k, v in w.items():
+            walls[k] += v
+        if args.ml100k and Path(args.ml100k).is_dir():
+            cfg = load_config(REPO / "configs" / "ml100k.yaml")
+            cfg.data.path = str(Path(args.ml100k).resolve())
+            ml = load_tables(cfg.data)
+            week = 7 * 86400
+            ts = ml.interactions["timestamp"]
+            start = int(ts.min()) // 86400 * 86400
+            weeks = int((ts.max() - start) // week) + 1
+            weeks = min(weeks, args.ml100k_weeks or weeks)
+            ml_path = work / "ml100k.yaml"
+            ml_path.write_text(dump_config(cfg))
+            r, _ = replay("ml100k", ml_path, ml, start, week, weeks, max(2, weeks // 3),
+                          args.per_day, 0, schedules, work / "ml100k", log)
+            rows += r
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(rows, walls, args, time.perf_counter() - started)
+
+
+def report(rows, walls, args, seconds):
+    lines = ["| world | schedule | updates | mean HR@10 | mean HR@100 | last HR@10 | "
+             "last HR@100 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['world']} | {r['schedule']} | {r['updates']} | {r['hr10']:.4f} | "
+                     f"{r['hr100']:.4f} | {r['last10']:.4f} | {r['last100']:.4f} |")
+    lines += ["", "| update kind | n | train s | gate s | export s | publish s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for kind, values in walls.items():
+        mean = {k: np.mean([v[k] for v in values]) for k in values[0]}
+        lines.append(f"| {kind} | {len(values)} | {mean['train']:.1f} | {mean['gate']:.1f} | "
+                     f"{mean['export']:.1f} | {mean['publish']:.2f} |")
+    lines.append(f"\n{args.days} days, {args.per_day} incremental updates a day, scale "
+                 f"{args.scale}; whole benchmark {seconds:.0f} s")
+    text = "\n".join(lines)
+    print(text)
+    (args.output / "table.md").write_text(text + "\n")
+    (args.output / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    worlds = sorted({r["world"] for r in rows})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4), squeeze=False)
+    for ax, world in zip(axes[0], worlds):
+        for r in (r for r in rows if r["world"] == world):
+            periods = sorted(r["per_period"])
+            ax.plot(periods, [r["per_period"][p][0] for p in periods], marker="o",
+                    label=r["schedule"])
+        ax.set_title(f"{world}: next-window HR@10")
+        ax.set_xlabel("day" if world == "drifting" else "week")
+        ax.set_ylabel("HR@10")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output / "hr10_per_period.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()

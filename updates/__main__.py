@@ -1,0 +1,5 @@
+import sys
+
+from updates.cli import main
+
+sys.exit(main())
