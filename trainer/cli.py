@@ -24,6 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-path", default=None,
                    help="override data.path in the config (e.g. a MovieLens directory)")
     p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    p.add_argument("--strategy", default="auto",
+                   choices=("auto", "default", "multi_worker", "parameter_server"),
+                   help="tf.distribute strategy; auto (default): none without TF_CONFIG, "
+                        "parameter_server if TF_CONFIG has ps tasks, else multi_worker "
+                        "(docs/DISTRIBUTED.md)")
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
     return p.parse_args(argv)
 
@@ -52,12 +57,18 @@ def main(argv=None) -> int:
             config.data.path = str(Path(args.data_path).resolve())
         if args.epochs:
             config.training.epochs = args.epochs
+        from trainer.distributed import Distribution
         from trainer.train import train
 
-        run = train(config, args.output, verbose=2 if args.quiet else None)
+        dist = Distribution.from_flag(args.strategy)
+        run = train(config, args.output, verbose=2 if args.quiet else None,
+                    distribution=dist)
     except (ConfigError, DataError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not dist.is_chief:
+        print(f"{dist.task_type} {dist.task_id}: done (the chief writes {run.output_dir})")
+        return 0
     m = run.metrics
     ks = sorted(config.evaluation.ks)
     print(f"\n{m['dataset']} ({m['protocol']}): trained {m['epochs_run']} epochs "
