@@ -82,3 +82,33 @@ def test_only_the_chief_writes_the_run_and_it_exports(two_workers, tmp_path):
     assert len(history["loss"]) == 1
     result = export_run(run, tmp_path / "models", ExportOptions(k=20, progress=False))
     assert (tmp_path / "models").is_dir() and result is not None
+
+
+def test_parameter_servers_shard_the_id_tables_and_export_whole(tmp_path):
+    """A coordinator, 2 workers and 2 parameter servers on loopback: the id
+    embedding tables are split over the ps tasks, the run's towers hold them
+    whole, and the exported towers load in the C++ loader TF Serving uses."""
+    import tensorflow as tf
+
+    from export.exporter import ExportOptions, export_run
+    from export.native_loader import check_saved_model, compiler_available
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "training": {
+        **TINY["training"], "epochs": 1}}))
+    args = ["-m", "trainer", "--config", str(tmp_path / "tiny.yaml"), "--output",
+            str(tmp_path / "run"), "--quiet", "--strategy", "parameter_server",
+            "--min-shard-bytes", "4096"]
+    run_cluster(cluster(chief=1, worker=2, ps=2), lambda kind, index: args,
+                [("chief", 0)], tmp_path)
+    log = (tmp_path / "chief0.log").read_text()
+    # 400 users + 1 OOV row, 200 items + 1, 16 dims: 25.7 KB and 12.9 KB > 4 KiB
+    assert "query_tower/embeddings partitioned over the ps tasks: [201, 16] + [200, 16]" in log
+    assert "candidate_tower/embeddings partitioned over the ps tasks: [101, 16] + [100, 16]" in log
+    saved = tf.train.load_checkpoint(str(tmp_path / "run/towers/query/variables/variables"))
+    assert saved.get_variable_to_shape_map()[
+        "tower/encoders/user_id/embedding/embeddings/.ATTRIBUTES/VARIABLE_VALUE"] == [401, 16]
+    export_run(tmp_path / "run", tmp_path / "models", ExportOptions(k=20, progress=False))
+    if compiler_available():
+        for model in ("query_tower", "candidate_tower"):
+            results = check_saved_model(tmp_path / "models" / model / "1")
+            assert results and all(r["outputs"] for r in results)

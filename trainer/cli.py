@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tf.distribute strategy; auto (default): none without TF_CONFIG, "
                         "parameter_server if TF_CONFIG has ps tasks, else multi_worker "
                         "(docs/DISTRIBUTED.md)")
+    p.add_argument("--min-shard-bytes", type=int, default=256 << 10,
+                   help="parameter_server: variables from this size up (the id embedding "
+                        "tables) are partitioned over the ps tasks (default 256 KiB)")
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
     return p.parse_args(argv)
 
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
         from trainer.distributed import Distribution
         from trainer.train import train
 
-        dist = Distribution.from_flag(args.strategy)
+        dist = Distribution.from_flag(args.strategy, args.min_shard_bytes)
         run = train(config, args.output, verbose=2 if args.quiet else None,
                     distribution=dist)
     except (ConfigError, DataError, KeyError, ValueError) as err:

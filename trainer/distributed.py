@@ -183,11 +183,31 @@ class Distribution:
         return FitInput(dataset, sample, steps)
 
     def prepare_model(self, model, batches) -> None:
-        """Under multi_worker: the model's in-batch softmax over the global batch."""
+        """Under multi_worker: the model's in-batch softmax over the global batch.
+        Under parameter_server: logs the partitioned variables."""
+        if self.kind == "parameter_server":
+            for name, shards in sharded_variables(model):
+                log.info("variable %s partitioned over the ps tasks: %s", name,
+                         " + ".join(str(list(s)) for s in shards))
         if self.kind == "multi_worker":
             from trainer.global_batch import GlobalCandidates
 
             model.global_candidates = GlobalCandidates(batches.score_mask)
+
+
+def sharded_variables(model) -> list[tuple[str, list[tuple]]]:
+    """(variable path, shard shapes) of the model's ``ShardedVariable``s
+    (ParameterServerStrategy), e.g. ("query_tower/embeddings", [(201, 16), (200, 16)])."""
+    from tensorflow.python.distribute.sharded_variable import ShardedVariable
+
+    found = []
+    for tower in (model.query_tower, model.candidate_tower):
+        for layer in (tower, *tower.submodules):   # Keras tracks the shards, layers the whole
+            for attr, value in vars(layer).items():
+                if isinstance(value, ShardedVariable):
+                    found.append((f"{tower.name}/{attr}",
+                                  [tuple(v.shape) for v in value.variables]))
+    return found
 
 
 def serve_forever(resolver) -> None:

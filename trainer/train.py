@@ -168,10 +168,10 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
     dist = distribution or Distribution()
     batches = TrainingBatches(prepared, config)
     data = dist.fit_input(batches, tc.batch_size, tc.seed)
-    dist.prepare_model(model, batches)
     ds = batches.dataset(tc.batch_size, tc.seed) if data is None else data.dataset
     with dist.scope():   # build variables so BackupAndRestore can restore them all
         model(next(iter(ds)) if data is None else data.sample)
+    dist.prepare_model(model, batches)
     backup = dist.backup_dir(out)
     # Every finished epoch's logs, across interruptions: a resumed fit only
     # reports the epochs it ran itself.
