@@ -63,6 +63,7 @@ def two_workers(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_two_workers_compute_the_single_worker_loss_and_gradient(two_workers):
     check = json.loads((two_workers / "check.json").read_text())
     assert check["replicas"] == 2 and check["global_batch"] == TINY["training"]["batch_size"]
@@ -72,6 +73,7 @@ def test_two_workers_compute_the_single_worker_loss_and_gradient(two_workers):
     assert check["grad_rel_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_only_the_chief_writes_the_run_and_it_exports(two_workers, tmp_path):
     from export.exporter import ExportOptions, export_run
 
@@ -84,6 +86,7 @@ def test_only_the_chief_writes_the_run_and_it_exports(two_workers, tmp_path):
     assert (tmp_path / "models").is_dir() and result is not None
 
 
+@pytest.mark.slow
 def test_parameter_servers_shard_the_id_tables_and_export_whole(tmp_path):
     """A coordinator, 2 workers and 2 parameter servers on loopback: the id
     embedding tables are split over the ps tasks, the run's towers hold them
