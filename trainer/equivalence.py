@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     if dist.is_chief:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
-    train(config, args.output, verbose=2, distribution=dist)
+    run = train(config, args.output, verbose=2, distribution=dist)
+    if not dist.is_chief:
+        print(f"{dist.task_type} {dist.task_id}: done (the chief writes {run.output_dir})")
     return 0
 
 
