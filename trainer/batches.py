@@ -95,33 +95,50 @@ class TrainingBatches:
         ok = ~np.isin(keys, self.exclusion_keys)
         return u[ok], i[ok]
 
+    @property
+    def num_rows(self) -> int:
+        """Rows of one epoch (expected, after hot-item sub-sampling)."""
+        if self.labelled is not None:
+            return len(self.labelled[0])
+        return int(round(float(self.keep[self.item_rows].sum())))
+
     # ---------------------------------------------------------------- pipeline
-    def dataset(self, batch_size: int, seed: int, shuffle: bool = True) -> tf.data.Dataset:
+    def dataset(self, batch_size: int, seed: int, shuffle: bool = True,
+                shard: tuple[int, int] = (1, 0), drop_remainder: bool = False
+                ) -> tf.data.Dataset:
+        """Batches of ``batch_size``; ``shard`` = (num_shards, index) keeps one
+        worker's share of the (shuffled, same seed everywhere) training rows and
+        gives its samplers their own seed (trainer.distributed)."""
+        num_shards, index = shard
         t = self.encoded
         self._user_cols = {k: tf.constant(v) for k, v in t.user_features.items()}
         self._item_cols = {k: tf.constant(v) for k, v in t.item_features.items()}
         self._p = tf.constant(self.item_prob)
         self._q = tf.constant(self.catalog.prob.astype(np.float32))
         self._seed = seed
+        if index:   # another worker: the same rows order, its own negatives draws
+            seed += 7919 * index
         if self.labelled is not None:
             lu, li, y = self.labelled
             ds = tf.data.Dataset.from_tensor_slices((lu, li, y))
             if shuffle:
-                ds = ds.shuffle(len(lu), seed=seed, reshuffle_each_iteration=True)
-            ds = ds.batch(batch_size)
+                ds = ds.shuffle(len(lu), seed=self._seed, reshuffle_each_iteration=True)
+            ds = ds.shard(num_shards, index).batch(batch_size, drop_remainder)
             ds = tf.data.Dataset.zip((ds, self._seeds(seed + 1)))
             ds = ds.map(lambda b, r: self._labelled_batch(*b, r),
                         num_parallel_calls=tf.data.AUTOTUNE)
             return ds.prefetch(tf.data.AUTOTUNE)
         ds = tf.data.Dataset.from_tensor_slices((self.user_rows, self.item_rows))
         if shuffle:
-            ds = ds.shuffle(len(self.user_rows), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(len(self.user_rows), seed=self._seed,
+                            reshuffle_each_iteration=True)
+        ds = ds.shard(num_shards, index)
         if (self.keep < 1).any():
             keep = tf.constant(self.keep)
             ds = tf.data.Dataset.zip((ds, self._seeds(seed + 2)))
             ds = ds.filter(lambda ui, r: S.stateless_unit(r, seed) < tf.gather(keep, ui[1]))
             ds = ds.map(lambda ui, r: ui)
-        ds = ds.batch(batch_size)
+        ds = ds.batch(batch_size, drop_remainder)
         ds = tf.data.Dataset.zip((ds, self._seeds(seed + 1)))
         ds = ds.map(lambda ui, r: self._batch(ui[0], ui[1], r),
                     num_parallel_calls=tf.data.AUTOTUNE)
@@ -152,17 +169,8 @@ class TrainingBatches:
             "item_row": i,  # integer id: accidental-hit checks compare ints, not strings
         }
         if self.batch_kind == "in_batch":
-            b = tf.shape(u)[0]
-            masks = []
-            # With a history feature the mask is always on: the user's other
-            # items are in its history but never its left-out target, so as
-            # in-batch negatives they would teach "in my history -> dislike".
-            # Otherwise only the user's exposed-not-clicked items are masked.
-            masked = (self.exclusion if neg.mask_user_positives or self.history is not None
-                      else self.exposures)
-            if masked is not None:
-                own = masked.contains(u[:, None], i[None, :])
-                masks.append(tf.logical_or(tf.logical_not(own), tf.cast(tf.eye(b), tf.bool)))
+            out["user_row"] = u   # a global batch recomputes the mask (trainer.global_batch)
+            extra = None
             if neg.extra_candidates:
                 extra = self.catalog.sample([neg.extra_candidates], seed)
                 out["extra"] = self._items(extra)
@@ -170,12 +178,9 @@ class TrainingBatches:
                 out["candidate_prob"] = S.mixed_candidate_probability(
                     tf.gather(self._p, i), tf.gather(self._q, i),
                     tf.gather(self._p, extra), tf.gather(self._q, extra), neg.extra_logq)
-                if not masks:
-                    masks.append(tf.ones([b, b], tf.bool))
-                masks.append(tf.logical_not(self.exclusion.contains(u[:, None],
-                                                                    extra[None, :])))
-            if masks:
-                out["score_mask"] = tf.concat(masks, axis=1)
+            mask = self.score_mask(u, i, extra)
+            if mask is not None:
+                out["score_mask"] = mask
             return out
         # per-query objectives: N_s sampled negatives (+ mined ones in the model)
         plan = self.plan
@@ -208,6 +213,34 @@ class TrainingBatches:
             out["neg_valid"] = tf.concat(valid, 1)
             out["neg_logq"] = tf.concat(logq, 1)
         return out
+
+    def score_mask(self, users, items, extra=None):
+        """bool [B, C + E] (or None: nothing to mask): query b (user row
+        ``users[b]``) may score candidate column j. ``items`` [C] are the in-batch
+        candidates, query b's positive at column b (C >= B: a global batch's,
+        this replica's first); ``extra`` [E] catalog draws after them. The user's
+        own items are masked (exposed-not-clicked ones in-batch; with
+        ``mask_user_positives`` or a history feature the clicked ones too, and
+        always among the extras), never the positive itself.
+        """
+        neg = self.config.sampling.negatives
+        # With a history feature the mask is always on: the user's other
+        # items are in its history but never its left-out target, so as
+        # in-batch negatives they would teach "in my history -> dislike".
+        # Otherwise only the user's exposed-not-clicked items are masked.
+        masked = (self.exclusion if neg.mask_user_positives or self.history is not None
+                  else self.exposures)
+        b, c = tf.shape(users)[0], tf.shape(items)[0]
+        masks = []
+        if masked is not None:
+            own = masked.contains(users[:, None], items[None, :])
+            masks.append(tf.logical_or(tf.logical_not(own), tf.eye(b, c, dtype=tf.bool)))
+        if extra is not None:
+            if not masks:
+                masks.append(tf.ones([b, c], tf.bool))
+            masks.append(tf.logical_not(self.exclusion.contains(users[:, None],
+                                                                extra[None, :])))
+        return tf.concat(masks, axis=1) if masks else None
 
     def _labelled_batch(self, u, i, y, r):
         k = self.config.objective.unobserved_per_row

@@ -36,6 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override data.path in the config (e.g. a MovieLens directory)")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="override training.epochs (a positive integer)")
+    p.add_argument("--strategy", default="auto",
+                   choices=("auto", "default", "multi_worker", "parameter_server"),
+                   help="tf.distribute strategy; auto (default): none without TF_CONFIG, "
+                        "parameter_server if TF_CONFIG has ps tasks, else multi_worker "
+                        "(docs/DISTRIBUTED.md)")
+    p.add_argument("--min-shard-bytes", type=int, default=256 << 10,
+                   help="parameter_server: variables from this size up (the id embedding "
+                        "tables) are partitioned over the ps tasks (default 256 KiB)")
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
     return p.parse_args(argv)
 
@@ -59,12 +67,18 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.override, args.data_path)
         if args.epochs is not None:
             config.training.epochs = args.epochs
+        from trainer.distributed import Distribution
         from trainer.train import train
 
-        run = train(config, args.output, verbose=2 if args.quiet else None)
+        dist = Distribution.from_flag(args.strategy, args.min_shard_bytes)
+        run = train(config, args.output, verbose=2 if args.quiet else None,
+                    distribution=dist)
     except (ConfigError, DataError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not dist.is_chief:
+        print(f"{dist.task_type} {dist.task_id}: done (the chief writes {run.output_dir})")
+        return 0
     m = run.metrics
     ks = sorted(config.evaluation.ks)
     print(f"\n{m['dataset']} ({m['protocol']}): trained {m['epochs_run']} epochs "

@@ -38,6 +38,8 @@ class TwoTowerModel(tfrs.Model):
         self.num_members = query_tower.tower_config.members
         # objective.logq=streaming: each in-batch batch's item_prob comes from this estimate
         self.frequency = frequency
+        # under a synchronous strategy: the in-batch softmax over the global batch
+        self.global_candidates = None
         if batch not in ("in_batch", "labelled", "per_query"):
             raise ValueError(f"TwoTowerModel: unknown batch kind {batch!r}")
         if frequency is not None and batch != "in_batch":
@@ -95,8 +97,12 @@ class TwoTowerModel(tfrs.Model):
         if self.frequency is not None:  # updated with this batch, then read
             batch = dict(batch, item_prob=self.frequency(batch["candidate"]["item_id"],
                                                          training=training))
+        extra = None
         if "extra" in batch:  # mixed negative sampling: catalog draws after the batch
             extra = self.candidate_tower(batch["extra"], training=training)
+        if self.global_candidates is not None:   # trainer.global_batch (tf.distribute)
+            candidate, batch = self.global_candidates(batch, candidate, extra)
+        elif extra is not None:
             candidate = tf.concat([candidate, extra], axis=0)
         return self._labelled_loss(batch, query, candidate, training)
 

@@ -131,3 +131,25 @@ def plan_negatives(objective_kind: str, negatives, has_ranking_log: bool) -> Neg
             raise ValueError("sampling.negatives.hard_source=ranking_log but the data "
                              "has no ranking log (use 'mined' or 'auto')")
     return NegativesPlan(negatives.num_negatives - num_hard, num_hard, source)
+
+
+# Switches a tf.distribute strategy cannot train (key of SWITCHES -> why). Every
+# objective kind itself works under both strategies (trainer.distributed):
+# in-batch ones over the global batch (trainer.global_batch) with
+# multi_worker, over each worker's own batch with parameter_server
+# (asynchronous workers share no batch); per-query and labelled ones per row.
+DISTRIBUTED_REFUSALS: dict[str, str] = {
+    "objective.logq=streaming": (
+        "the streaming frequency estimate (trainer/frequency.py) updates its hash "
+        "tables in place once per step; under a strategy every replica would update its "
+        "own copy with its own slice of the batch. Use objective.logq: static (item "
+        "counts of the training data) or train without --strategy"),
+}
+
+
+def check_distributed(config, strategy: str) -> None:
+    """Refuse, with the reason, a run config that ``strategy`` cannot train."""
+    refused = [f"{key}: not supported with --strategy {strategy}: {why}"
+               for key, why in DISTRIBUTED_REFUSALS.items() if SWITCHES[key](config)]
+    if refused:
+        raise ValueError("; ".join(refused))

@@ -23,11 +23,12 @@ from trainer import run_dir
 from trainer.batches import TrainingBatches
 from trainer.config import RunConfig, dump_config
 from trainer.data import Tables, load_tables
+from trainer.distributed import Distribution
 from trainer.ease import fit_ease
 from trainer.evaluation import EvalSet, embedding_scores, evaluate, popularity_scores
 from trainer.frequency import StreamingFrequency
 from trainer.model import TwoTowerModel
-from trainer.objective_registry import OBJECTIVES
+from trainer.objective_registry import OBJECTIVES, check_distributed
 from trainer.objectives import make_objective
 from trainer.prepare import EncodedTables, PreparedData, prepare_data
 from trainer.saving import save_run_artifacts
@@ -157,14 +158,23 @@ def _epoch_history(csv_path: Path, fitted: dict) -> dict:
 
 def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Path,
         verbose: Optional[int] = None,
-        extra_callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> FitResult:
+        extra_callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+        distribution: Optional[Distribution] = None) -> FitResult:
     """Fit on the prepared batches, with backup / checkpoints / logs under ``out``.
 
-    A backup in ``out/backup`` (an interrupted fit) is resumed from.
+    A backup in ``out/backup`` (an interrupted fit) is resumed from; under a
+    strategy (trainer.distributed) the input is the strategy's and the backup
+    the chief's.
     """
     tc = config.training
-    ds = TrainingBatches(prepared, config).dataset(tc.batch_size, tc.seed)
-    model(next(iter(ds)))  # build variables so BackupAndRestore can restore them all
+    dist = distribution or Distribution()
+    batches = TrainingBatches(prepared, config)
+    data = dist.fit_input(batches, tc.batch_size, tc.seed)
+    ds = batches.dataset(tc.batch_size, tc.seed) if data is None else data.dataset
+    with dist.scope():   # build variables so BackupAndRestore can restore them all
+        model(next(iter(ds)) if data is None else data.sample)
+    dist.prepare_model(model, batches)
+    backup = dist.backup_dir(out)
     # Every finished epoch's logs, across interruptions: a resumed fit only
     # reports the epochs it ran itself.
     history_csv = out / "history.csv"
@@ -172,7 +182,7 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
         history_csv.unlink(missing_ok=True)   # a fresh run: nothing to continue
     resume = _ResumeLog(tc.epochs)
     callbacks = [
-        tf.keras.callbacks.BackupAndRestore(str(out / "backup")),
+        tf.keras.callbacks.BackupAndRestore(str(backup)),
         resume,
         tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
                                            save_weights_only=True),
@@ -191,8 +201,9 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     started = time.perf_counter()
-    fitted = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose)
-    if (out / "backup").is_dir() and not has_backup(out):
+    fitted = model.fit(ds, epochs=tc.epochs, callbacks=callbacks, verbose=verbose,
+                       steps_per_epoch=None if data is None else data.steps_per_epoch)
+    if dist.is_chief and (out / "backup").is_dir() and not has_backup(out):
         (out / "backup").rmdir()   # a finished fit: Keras emptied it
     return FitResult(_epoch_history(history_csv, fitted.history),
                      time.perf_counter() - started, resume.resumed_after)
@@ -243,20 +254,29 @@ def run_metrics(config: RunConfig, prepared: PreparedData, fitted: FitResult,
 
 def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = None,
           verbose: Optional[int] = None,
-          extra_callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> TrainingResult:
-    """Run the whole job and commit its run directory; returns model and metrics."""
+          extra_callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+          distribution: Optional[Distribution] = None) -> TrainingResult:
+    """Run the whole job and commit its run directory; returns model and metrics.
+
+    ``distribution`` (trainer.distributed): the strategy and this task's role;
+    only the chief commits the run directory, other tasks write a temporary one.
+    """
     out = Path(output_dir)
-    staging = run_dir.open_staging(out, resumable=has_backup)
+    dist = distribution or Distribution()
+    if dist.strategy is not None:
+        check_distributed(config, dist.kind)
+    staging = dist.staging(out, resumable=has_backup)
     (staging / run_dir.RUN_MARKER).write_text(dump_config(config), encoding="utf-8")
     tf.keras.utils.set_random_seed(config.training.seed)
 
     prepared = prepare_data(config, tables if tables is not None else load_tables(config.data))
-    model = build_model(config, prepared)
-    fitted = fit(model, prepared, config, staging, verbose, extra_callbacks)
+    with dist.scope():
+        model = build_model(config, prepared)
+    fitted = fit(model, prepared, config, staging, verbose, extra_callbacks, dist)
     metrics = run_metrics(config, prepared, fitted,
                           evaluate_model(model, prepared, config.evaluation.ks),
                           ease_reference(config, prepared) if config.evaluation.ease else None)
     save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
                        metrics, fitted.history)
-    run_dir.commit(out)
+    dist.finish(out, staging)
     return TrainingResult(model, metrics, fitted.history, out)
