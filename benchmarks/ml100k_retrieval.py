@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
+from trainer import ease  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.ease import click_matrix, ease_weights, gram  # noqa: E402
 from trainer.data.movielens import load_ml100k  # noqa: E402
 from trainer.prepare import EncodedTables  # noqa: E402
 from trainer.evaluation import EvalSet, evaluate, popularity_scores, split_interactions  # noqa: E402
@@ -44,14 +46,9 @@ def eval_set(tables, train_pos, test_pos) -> tuple[EncodedTables, EvalSet]:
 
 
 def ease_scores(data: EvalSet, num_users: int, l2: float = 500.0):
-    """EASE (Steck 2019): closed-form item-item weights B = I - P / diag(P)."""
-    x = np.zeros((num_users, data.num_items), np.float64)
-    x[data.seen_users, data.seen_items] = 1.0
-    gram = x.T @ x + l2 * np.eye(data.num_items)
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)
-    np.fill_diagonal(b, 0.0)
-    return lambda users: (x[users] @ b).astype(np.float32)
+    """EASE (Steck 2019) at a fixed L2, fitted on the train clicks (trainer.ease)."""
+    x = click_matrix(data.seen_users, data.seen_items, num_users, data.num_items)
+    return ease.ease_scores(x, ease_weights(gram(x), l2))
 
 
 def tutorial_scores(enc: EncodedTables, data: EvalSet, seed: int = 42):
