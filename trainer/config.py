@@ -587,7 +587,7 @@ def load_config(path: str | Path, overrides: Sequence[str | Path] = (),
     for extra in overrides:
         raw = deep_merge(raw, _read_yaml(Path(extra)))
         sources.append(str(extra))
-    config = _resolve_paths(parse_config(raw, " + ".join(sources)), path.parent)
+    config = resolve_paths(parse_config(raw, " + ".join(sources)), path.parent)
     if data_path is not None:
         if not hasattr(config.data, "path"):
             raise ConfigError(f"--data-path given but data.kind={config.data.kind} has no path")
@@ -618,7 +618,7 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     def fix(p: str) -> str:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())

@@ -273,9 +273,11 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     with dist.scope():
         model = build_model(config, prepared)
     fitted = fit(model, prepared, config, staging, verbose, extra_callbacks, dist)
+    # EASE is a reference for the report, which only the chief writes
+    ease = ease_reference(config, prepared) if config.evaluation.ease and dist.is_chief \
+        else None
     metrics = run_metrics(config, prepared, fitted,
-                          evaluate_model(model, prepared, config.evaluation.ks),
-                          ease_reference(config, prepared) if config.evaluation.ease else None)
+                          evaluate_model(model, prepared, config.evaluation.ks), ease)
     save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
                        metrics, fitted.history)
     dist.finish(out, staging)

@@ -25,7 +25,7 @@ import yaml
 
 from trainer import run_dir as run_dirs
 from trainer.batches import TrainingBatches
-from trainer.config import (RunConfig, _resolve_paths, deep_merge, dump_config, load_config,
+from trainer.config import (RunConfig, resolve_paths, deep_merge, dump_config, load_config,
                             parse_config)
 from trainer.data import DataError, load_tables
 from trainer.data.tables import ensure_entity_table
@@ -96,7 +96,7 @@ def _config(parent: Path, options: UpdateOptions) -> RunConfig:
         raw = deep_merge(raw, over)
     config = parse_config(raw, f"{parent / 'config.yaml'} + {options.config}")
     if options.config:   # relative data paths are relative to the file that names them
-        config = _resolve_paths(config, Path(options.config).parent)
+        config = resolve_paths(config, Path(options.config).parent)
     if options.data_path:
         if not hasattr(config.data, "path"):
             raise UpdateError(f"--data given but data.kind={config.data.kind} reads no path")
