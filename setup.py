@@ -43,7 +43,7 @@ setup(
         "optuna>=4.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5"],
     },
     entry_points={
         "console_scripts": [

@@ -1,4 +1,5 @@
 """Shared test setup: Keras 2 for TFRS, quiet TF logs, repo root importable."""
+import fcntl
 import os
 import sys
 import threading
@@ -18,10 +19,12 @@ def native_checker_cache(request, tmp_path_factory):
     """One cache for the C++ SavedModel checker per test run, shared by every
     test and by exports with ``native_check`` (through $TWOTOWER_CACHE_DIR),
     never in $HOME. When a collected test needs the checker, its compile (tens
-    of seconds) starts at the session's start, beside the tiny training."""
+    of seconds) starts at the session's start, beside the tiny training.
+    Under pytest-xdist the workers share the cache and one of them compiles
+    (a file lock), so the checker is still built once per run."""
     from export import native_loader
 
-    cache = tmp_path_factory.mktemp("native-checker")
+    cache = _run_wide_dir(tmp_path_factory, "native-checker")
     build = _CheckerBuild(cache)
     if native_loader.compiler_available() and any(
             "native_checker" in item.fixturenames for item in request.session.items):
@@ -39,6 +42,17 @@ def native_checker(native_checker_cache):
     return native_checker_cache.result()
 
 
+def _run_wide_dir(tmp_path_factory, name: str) -> Path:
+    """A directory shared by every xdist worker of this run (each worker's
+    base temp is ``<run>/popen-gwN``), or the session's own without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 class _CheckerBuild(threading.Thread):
     """build_checker(cache) in a thread; ``result()`` joins it (or builds now)."""
 
@@ -49,7 +63,9 @@ class _CheckerBuild(threading.Thread):
     def run(self):
         from export.native_loader import NativeLoadError, build_checker
         try:
-            self.binary = build_checker(self.cache)
+            with open(self.cache.with_name(self.cache.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)   # one compile; the others find its binary
+                self.binary = build_checker(self.cache)
         except NativeLoadError as err:   # reported by result(), in the test that needs it
             self.error = err
 

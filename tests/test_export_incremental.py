@@ -142,7 +142,7 @@ def _clustered(rng, n, centres, noise=0.7):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _refreshed_and_fresh(leaves_to_search, reorder, n=5000, k=10):
+def _refreshed_and_fresh(leaves_to_search, reorder, n=5000, k=10, queries=300):
     """Refresh a ScaNN index over clustered vectors (2 % updated, 2 % inserted, 1 %
     deleted) and train a fresh one, same settings, over the resulting rows."""
     from export.index_refresh import IndexState
@@ -168,7 +168,7 @@ def _refreshed_and_fresh(leaves_to_search, reorder, n=5000, k=10):
     s = refresh(state, ids[deleted], upsert_ids, upsert_vecs).state
     assert len(s.item_ids) == n - n // 100 + n // 50
     refreshed, fresh = searcher_from_tensors(s.tensors), build(s.vectors)  # same rows
-    queries = _clustered(rng, 300, centres)
+    queries = _clustered(rng, queries, centres)
     a = refreshed.search_batched(queries, k)[0].numpy()
     b = fresh.search_batched(queries, k)[0].numpy()
     truth = exact_top_k(queries, s.vectors, k)
@@ -195,9 +195,14 @@ def test_refreshed_index_agrees_with_a_fresh_build():
 def test_refreshed_index_recall_matches_a_fresh_build_at_a_lossy_setting():
     """Where ScaNN is clearly approximate (recall@10 ~0.9), refreshing costs at most 0.01
     recall@k against a fresh build."""
-    refreshed, fresh, _, _ = _refreshed_and_fresh(leaves_to_search=10, reorder=30)
+    # ScaNN's k-means differs from build to build (one pair at 300 queries read
+    # 0.894 refreshed vs 0.908 fresh), so both are averaged over three builds of
+    # 1,000 queries each
+    runs = np.array([_refreshed_and_fresh(leaves_to_search=10, reorder=30, queries=1000)[:2]
+                     for _ in range(3)])
+    refreshed, fresh = runs.mean(axis=0)
     assert fresh < 0.995  # the setting really is lossy
-    assert refreshed >= fresh - 0.01, (refreshed, fresh)
+    assert refreshed >= fresh - 0.01, runs
 
 
 def test_cli_takes_incremental_options_and_names_a_bad_one(capsys):
