@@ -6,10 +6,11 @@ from typing import Callable
 
 import pandas as pd
 
-from trainer.config import (GenericData, MovieLens100K, MovieLensLatest, SyntheticData,
-                            TableSource)
+from trainer.config import (GenericData, MovieLens100K, MovieLensLatest, ShardData,
+                            SyntheticData, TableSource)
 from trainer.data import drifting, movielens, synthetic
 from trainer.data.readers import read_table, rows_of
+from trainer.data.shard_files import load_shards
 from trainer.data.tables import (Tables, canonical_interactions, check_unique,
                                  ensure_entity_table)
 from trainer.data.windows import cut_window
@@ -29,6 +30,8 @@ def load_tables(data) -> Tables:
         tables = movielens.load_ml_latest(data.path)
     elif isinstance(data, GenericData):
         tables = _load_generic(data)
+    elif isinstance(data, ShardData):
+        tables = load_shards(data.path)
     else:  # pragma: no cover - pydantic's discriminator rules this out
         raise TypeError(f"unknown data config {type(data).__name__}")
     tables = cut_window(tables, data.since, data.until)
