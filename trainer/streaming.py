@@ -18,8 +18,10 @@ and the item click counts behind the logQ correction (or
 
 Per worker, the input is sharded by FILE (``assign_files``): under
 ``--strategy multi_worker`` input pipeline k of n reads files k, k + n, ...
-Within a worker the files are shuffled every epoch, read ``cycle_length`` at
-a time, and their rows pass a shuffle buffer of ``data.shuffle_buffer``.
+Shuffling, every epoch anew: the worker's files in random order, read
+``cycle_length`` at a time; each block of 65,536 rows permuted, cut into
+chunks of ``CHUNK_ROWS`` rows, and the chunks of all open files mixed in a
+shuffle buffer of ``data.shuffle_buffer`` rows.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ from trainer.prepare import EncodedTables, PreparedData, Splits
 
 _DAY = 86_400
 _CLICK_COLUMNS = ["user_id", "item_id", "timestamp", "clicked"]
+# Rows the streamed input moves as one element: shuffling whole chunks keeps
+# tf.data's per-element cost off the rows (2 x faster on 2 cores, measured).
+CHUNK_ROWS = 256
 
 
 def assign_files(files: list, num_shards: int, index: int) -> list:
@@ -227,23 +232,31 @@ class StreamingBatches(TrainingBatches):
         if shuffle:
             ds = ds.shuffle(len(files), seed=seed + index, reshuffle_each_iteration=True)
         spec = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64))
-        ds = ds.interleave(
-            lambda path: tf.data.Dataset.from_generator(self._file_rows, args=(path,),
-                                                        output_signature=spec),
+        seeds = self._seeds(seed + 3 + 7919 * index).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).interleave(
+            lambda path, s: tf.data.Dataset.from_generator(
+                self._file_chunks, args=(path, s, shuffle), output_signature=spec),
             cycle_length=min(self.cycle_length, len(files)),
             num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.unbatch()
         if shuffle:
-            ds = ds.shuffle(self.prepared.shuffle_buffer, seed=seed + index,
-                            reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size, drop_remainder)
+            ds = ds.shuffle(max(1, self.prepared.shuffle_buffer // CHUNK_ROWS),
+                            seed=seed + index, reshuffle_each_iteration=True)
+        ds = ds.unbatch().batch(batch_size, drop_remainder)
         ds = tf.data.Dataset.zip((ds, self._seeds(seed + 1 + 7919 * index)))
         ds = ds.map(lambda ui, r: self._batch(ui[0], ui[1], r),
                     num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
-    def _file_rows(self, path: bytes) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _file_chunks(self, path: bytes, seed: np.ndarray, shuffle: bool
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(user rows, item rows) of one file's training clicks, ``CHUNK_ROWS`` at a
+        time; with ``shuffle``, each block of the file permuted (``seed`` [2])."""
         path = Path(path.decode())
+        rng = np.random.default_rng([int(x) & 0xFFFFFFFF for x in seed])
         for offset, frame in train_clicks(path, self.prepared.boundary):
-            if len(frame):
-                yield self._rows(frame, path, offset)
+            u, i = self._rows(frame, path, offset)
+            if shuffle:
+                order = rng.permutation(len(u))
+                u, i = u[order], i[order]
+            for start in range(0, len(u), CHUNK_ROWS):
+                yield u[start:start + CHUNK_ROWS], i[start:start + CHUNK_ROWS]
