@@ -95,7 +95,8 @@ def train_clicks(path: Path, boundary: float) -> Iterator[tuple[int, pd.DataFram
 class StreamedData(PreparedData):
     """``PreparedData`` whose training clicks stay on disk.
 
-    ``splits`` has only ``test`` (the clicked test slice, in memory);
+    ``splits`` has only ``test`` (the clicked test slice, in memory, also
+    ``tables.interactions``);
     ``train_positives``, ``known`` and ``exposed`` are None. ``user_counts`` /
     ``item_counts`` [users] / [items]: training clicks per row;
     ``known_rows``: (user rows, item rows) of the test users' training
@@ -144,12 +145,9 @@ def prepare_streamed(config: RunConfig) -> StreamedData:
     shards = ShardSet.open(config.data.path)
     for table in ("interactions", "users", "items"):
         shards.check(table)
-    tables = Tables(None, shards.read("users"), shards.read("items"),
-                    name=shards.manifest["name"], notes=shards.manifest.get("notes", {}))
-    for table, key in ((tables.users, "user_id"), (tables.items, "item_id")):
-        table[key] = table[key].astype(str)
-    encoded = EncodedTables.build(tables.users, tables.items, config.features.user,
-                                  config.features.item)
+    users, items = shards.read("users"), shards.read("items")
+    users["user_id"], items["item_id"] = users["user_id"].astype(str), items["item_id"].astype(str)
+    encoded = EncodedTables.build(users, items, config.features.user, config.features.item)
     boundary = shards.max_timestamp - config.evaluation.test_days * _DAY
     files, rows = shards.files("interactions"), _Rows(encoded)
     test = pd.concat([_test_clicks(path, boundary, rows) for path in files],
@@ -171,7 +169,8 @@ def prepare_streamed(config: RunConfig) -> StreamedData:
     if not len(test) or not item_counts.sum():
         raise ValueError(f"temporal split with test_days={config.evaluation.test_days} "
                          f"leaves an empty train or test set ({config.data.path})")
-    tables.interactions = test
+    tables = Tables(test, users, items, name=shards.manifest["name"],
+                    notes=shards.manifest.get("notes", {}))
     splits = Splits(None, None, test, None, None)
     return StreamedData(tables, splits, encoded, item_counts, NegativesPlan(),
                         shards=shards, boundary=boundary, user_counts=user_counts,
