@@ -109,6 +109,25 @@ def test_generate_command_writes_the_large_world_chunk_by_chunk(tmp_path, capsys
     assert main(["check", str(out)]) == 0
     assert main(["generate", "--out", str(out), "--users", "3"]) == 2   # never overwrites
     assert "exists and is not empty" in capsys.readouterr().err
+    users = pd.read_parquet(out / "users-00000.parquet")
+    users.loc[0, "country"] = "zz"   # same rows and columns, other content
+    users.to_parquet(out / "users-00000.parquet", index=False)
+    assert main(["check", str(out)]) == 2
+    assert "users-00000.parquet: sha256 differs from the manifest's" in capsys.readouterr().err
+
+
+def test_write_command_converts_a_config(tmp_path, capsys):
+    import yaml
+
+    from trainer.shards import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    assert main(["write", "--config", str(config), "--out", str(tmp_path / "s"),
+                 "--rows-per-shard", "5000"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "interactions: 12,000 rows in 3 shards", "users: 400 rows in 1 shard",
+        "items: 200 rows in 1 shard", "ranking_log: 4,000 rows in 1 shard"]
 
 
 def test_streamed_pass_equals_the_in_memory_path(shard_dir):

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for table, entry in manifest["tables"].items():
-        print(f"{table}: {entry['rows']:,} rows in {len(entry['shards'])} shards")
+        n = len(entry["shards"])
+        print(f"{table}: {entry['rows']:,} rows in {n} shard{'s' * (n != 1)}")
     return 0
 
 
