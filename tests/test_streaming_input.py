@@ -280,3 +280,35 @@ def _config_with(path, stream=True, **sections):
     raw = {**copy.deepcopy(STREAM), **sections,
            "data": {"kind": "shards", "path": str(path), "stream": stream}}
     return parse_config(raw)
+
+
+def test_parquet_tables_convert_block_by_block_like_in_memory(tiny_tables, tmp_path):
+    """kind: tables with Parquet interactions: converted 1,000 rows at a time,
+    the shards hold what writing load_tables' tables gives (items table
+    missing some ids: they get rows, as load_tables adds them)."""
+    from trainer.config import GenericData
+    from trainer.data import DataError, load_tables
+    from trainer.data.convert import convert_chunked, streamable
+    from trainer.data.shard_files import load_shards, write_tables
+
+    events = tiny_tables.interactions.rename(columns={"user_id": "uid", "item_id": "sku"})
+    events.to_parquet(tmp_path / "events.parquet", index=False)
+    tiny_tables.items.iloc[:150].to_parquet(tmp_path / "items.parquet", index=False)
+    data = GenericData.model_validate({
+        "kind": "tables",
+        "interactions": {"path": str(tmp_path / "events.parquet"),
+                         "columns": {"user_id": "uid", "item_id": "sku"}},
+        "items": {"path": str(tmp_path / "items.parquet")}})
+    assert streamable(data)
+    convert_chunked(data, tmp_path / "chunked", rows_per_shard=4000, chunk_rows=1000)
+    write_tables(load_tables(data), tmp_path / "memory", rows_per_shard=4000)
+    chunked, memory = load_shards(tmp_path / "chunked"), load_shards(tmp_path / "memory")
+    for name in ("interactions", "users", "items"):
+        pd.testing.assert_frame_equal(getattr(chunked, name), getattr(memory, name))
+    assert len(chunked.items) == 200 and chunked.name == memory.name == "events"
+    events["timestamp"] = events["timestamp"].astype(str)   # a text column, one bad value
+    events.loc[2345, "timestamp"] = "soon"
+    events.to_parquet(tmp_path / "events.parquet", index=False)
+    with pytest.raises(DataError, match=r"events\.parquet: row 2345 column 'timestamp': "
+                                        "expected a number, got 'soon'"):
+        convert_chunked(data, tmp_path / "bad", rows_per_shard=4000, chunk_rows=1000)

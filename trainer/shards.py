@@ -1,7 +1,8 @@
 """``python -m trainer.shards``: write canonical tables as sharded Parquet files.
 
 - ``write --config C --out DIR``: the tables the config's ``data`` section
-  loads (any kind, read into memory as training would) as shards;
+  loads as shards: ``kind: tables`` with Parquet interactions a block at a
+  time (trainer.data.convert), every other kind read into memory first;
 - ``generate --out DIR --users N ...``: the large synthetic world
   (trainer.data.synthetic_large), a chunk of users at a time, so a data set
   larger than memory is written with bounded memory;
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=Path, required=True, help="shard directory to create")
     w.add_argument("--rows-per-shard", type=int, default=1_000_000,
                    help="rows per Parquet file (default 1,000,000)")
+    w.add_argument("--chunk-rows", type=int, default=1 << 20,
+                   help="kind: tables with Parquet interactions (no since/until): rows "
+                        "converted at a time, the file is never read whole (default "
+                        "1,048,576); every other data kind is read into memory first")
     g = sub.add_parser("generate", help="the large synthetic world, chunk by chunk")
     g.add_argument("--out", type=Path, required=True, help="shard directory to create")
     g.add_argument("--users", type=int, required=True, help="number of users")
@@ -61,9 +66,12 @@ def _fresh(out: Path) -> None:
 def write(args) -> dict:
     from trainer.config import load_config
     from trainer.data import load_tables
+    from trainer.data.convert import convert_chunked, streamable
 
     config = load_config(args.config, data_path=args.data_path)
     _fresh(args.out)
+    if streamable(config.data):
+        return convert_chunked(config.data, args.out, args.rows_per_shard, args.chunk_rows)
     return write_tables(load_tables(config.data), args.out, args.rows_per_shard)
 
 

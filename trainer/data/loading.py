@@ -45,6 +45,12 @@ def load_tables(data) -> Tables:
 def _load_generic(data: GenericData) -> Tables:
     interactions = _read_source(data.interactions, ("user_id", "item_id"),
                                 canonical_interactions)
+    return Tables(interactions, *load_entities(data), name=Path(data.interactions.path).stem)
+
+
+def load_entities(data: GenericData) -> tuple:
+    """(users, items, ranking_log) of a ``kind: tables`` config, each None when
+    not configured; ids checked unique."""
     users = items = ranking_log = None
     if data.users is not None:
         users = _read_source(data.users, ("user_id",), _unique_ids("user_id"))
@@ -55,8 +61,7 @@ def _load_generic(data: GenericData) -> Tables:
                                    lambda df, source: df.assign(
                                        user_id=df["user_id"].astype(str),
                                        item_id=df["item_id"].astype(str)))
-    return Tables(interactions, users, items, ranking_log=ranking_log,
-                  name=Path(data.interactions.path).stem)
+    return users, items, ranking_log
 
 
 def _read_source(src: TableSource, required: tuple[str, ...],

@@ -49,6 +49,7 @@ class ShardWriter:
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
         self.out, self.table, self.rows_per_shard = Path(out), table, rows_per_shard
+        self.out.mkdir(parents=True, exist_ok=True)
         self.schema: Optional[pa.Schema] = None
         self.shards: list[dict] = []
         self._writer: Optional[pq.ParquetWriter] = None
@@ -113,8 +114,6 @@ def write_manifest(out: Path, name: str, tables: dict[str, dict], notes: dict) -
 
 def write_tables(tables: Tables, out: Path, rows_per_shard: int) -> dict:
     """Write in-memory canonical ``tables`` as shards under ``out``; the manifest."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     entries = {}
     for table in TABLES:
         frame = getattr(tables, table)
