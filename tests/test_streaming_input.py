@@ -130,6 +130,7 @@ def test_write_command_converts_a_config(tmp_path, capsys):
         "items: 200 rows in 1 shard", "ranking_log: 4,000 rows in 1 shard"]
 
 
+@pytest.mark.slow
 def test_streamed_pass_equals_the_in_memory_path(shard_dir):
     """Vocabularies, statistics, logQ counts and the test set: exactly equal."""
     from trainer.data import load_tables
@@ -215,6 +216,7 @@ def _train_clicks(prepared, shards):
     return [frame for k in shards for _, frame in train_clicks(files[k], prepared.boundary)]
 
 
+@pytest.mark.slow
 def test_streamed_training_exports_through_the_normal_path(shard_dir, tmp_path):
     from export.exporter import ExportOptions, export_run
     from trainer.train import train
@@ -312,3 +314,28 @@ def test_parquet_tables_convert_block_by_block_like_in_memory(tiny_tables, tmp_p
     with pytest.raises(DataError, match=r"events\.parquet: row 2345 column 'timestamp': "
                                         "expected a number, got 'soon'"):
         convert_chunked(data, tmp_path / "bad", rows_per_shard=4000, chunk_rows=1000)
+
+
+@pytest.mark.slow
+def test_two_workers_stream_their_own_files(shard_dir, tmp_path):
+    """--strategy multi_worker on loopback: each worker's input pipeline reads
+    its own files (0, 2, 4 and 1, 3), and the chief commits the run."""
+    import yaml
+    from local_cluster import cluster, run_cluster
+
+    raw = copy.deepcopy(STREAM)
+    raw["data"] = {"kind": "shards", "path": str(shard_dir), "shuffle_buffer": 2000}
+    raw["training"]["epochs"] = 1
+    config = tmp_path / "stream.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    args = ["-m", "trainer", "--config", str(config), "--output", str(tmp_path / "run"),
+            "--quiet", "--strategy", "multi_worker"]
+    run_cluster(cluster(worker=2), lambda kind, index: args, [("worker", 0), ("worker", 1)],
+                tmp_path)
+    for k, files in ((0, "interactions-00000.parquet, interactions-00002.parquet, "
+                         "interactions-00004.parquet"),
+                     (1, "interactions-00001.parquet, interactions-00003.parquet")):
+        log = (tmp_path / f"worker{k}.log").read_text()
+        assert f"input pipeline {k} of 2 streams {3 - k} shard files: {files}" in log
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_positives"] == 4185 and metrics["epochs_run"] == 1

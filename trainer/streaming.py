@@ -25,6 +25,7 @@ shuffle buffer of ``data.shuffle_buffer`` rows.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -44,6 +45,7 @@ from trainer.evaluation import EvalSet
 from trainer.objective_registry import NegativesPlan
 from trainer.prepare import EncodedTables, PreparedData, Splits
 
+log = logging.getLogger(__name__)
 _DAY = 86_400
 _CLICK_COLUMNS = ["user_id", "item_id", "timestamp", "clicked"]
 # Rows the streamed input moves as one element: shuffling whole chunks keeps
@@ -227,6 +229,8 @@ class StreamingBatches(TrainingBatches):
         num_shards, index = shard
         files = assign_files([str(p) for p in self.prepared.shards.files("interactions")],
                              num_shards, index)
+        log.info("input pipeline %d of %d streams %d shard files: %s", index, num_shards,
+                 len(files), ", ".join(Path(f).name for f in files))
         self._hold_tables(seed)
         ds = tf.data.Dataset.from_tensor_slices(files)
         if shuffle:

@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trainer.data.tables import DataError, Tables
@@ -75,7 +76,7 @@ class ShardWriter:
             self._writer.write_table(part)
             if "timestamp" in part.column_names and take:
                 ts = part.column("timestamp")
-                self._ts += [pa.compute.min(ts).as_py(), pa.compute.max(ts).as_py()]
+                self._ts += [pc.min(ts).as_py(), pc.max(ts).as_py()]
             self._rows += take
             start += take
             if self._rows == self.rows_per_shard:
