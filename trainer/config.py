@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Sequence, Union, get_args, get_
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.objective_registry import OBJECTIVE_KINDS, check_objective
+from trainer.objective_registry import OBJECTIVE_KINDS, OBJECTIVES, check_objective
 from trainer.tuning_space import TuningConfig
 
 
@@ -529,8 +529,6 @@ def streaming_refusals(config: "RunConfig") -> list[str]:
     """What a streamed run (``data: {kind: shards, stream: true}``) cannot do,
     each with the reason: everything that needs the whole interactions table
     in memory (docs/DISTRIBUTED.md)."""
-    from trainer.objective_registry import OBJECTIVES
-
     whole = "needs every interaction in memory; use data.stream: false"
     neg, pos, ev, tc = (config.sampling.negatives, config.sampling.positives,
                         config.evaluation, config.training)
