@@ -110,12 +110,7 @@ class TrainingBatches:
         worker's share of the (shuffled, same seed everywhere) training rows and
         gives its samplers their own seed (trainer.distributed)."""
         num_shards, index = shard
-        t = self.encoded
-        self._user_cols = {k: tf.constant(v) for k, v in t.user_features.items()}
-        self._item_cols = {k: tf.constant(v) for k, v in t.item_features.items()}
-        self._p = tf.constant(self.item_prob)
-        self._q = tf.constant(self.catalog.prob.astype(np.float32))
-        self._seed = seed
+        self._hold_tables(seed)
         if index:   # another worker: the same rows order, its own negatives draws
             seed += 7919 * index
         if self.labelled is not None:
@@ -143,6 +138,15 @@ class TrainingBatches:
         ds = ds.map(lambda ui, r: self._batch(ui[0], ui[1], r),
                     num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
+
+    def _hold_tables(self, seed: int) -> None:
+        """Feature columns and probabilities as tensors, gathered per batch."""
+        t = self.encoded
+        self._user_cols = {k: tf.constant(v) for k, v in t.user_features.items()}
+        self._item_cols = {k: tf.constant(v) for k, v in t.item_features.items()}
+        self._p = tf.constant(self.item_prob)
+        self._q = tf.constant(self.catalog.prob.astype(np.float32))
+        self._seed = seed
 
     @staticmethod
     def _seeds(seed: int) -> tf.data.Dataset:

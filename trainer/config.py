@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Sequence, Union, get_args, get_
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.objective_registry import OBJECTIVE_KINDS, check_objective
+from trainer.objective_registry import OBJECTIVE_KINDS, OBJECTIVES, check_objective
 from trainer.tuning_space import TuningConfig
 
 
@@ -166,8 +166,21 @@ class GenericData(_Windowed):
     ranking_log: Optional[TableSource] = None
 
 
+class ShardData(_Windowed):
+    """A shard directory written by ``python -m trainer.shards`` (a manifest and
+    Parquet files). ``stream: true`` trains on the interactions streamed from
+    the files (trainer.streaming: a data set larger than memory; only what
+    ``streaming_refusals`` allows), ``false`` reads every table into memory
+    like the other kinds. ``shuffle_buffer``: rows the streamed input mixes."""
+
+    kind: Literal["shards"]
+    path: str
+    stream: bool = True
+    shuffle_buffer: int = Field(100_000, gt=0)
+
+
 DataConfig = Annotated[
-    Union[SyntheticData, MovieLens100K, MovieLensLatest, GenericData],
+    Union[SyntheticData, MovieLens100K, MovieLensLatest, GenericData, ShardData],
     Field(discriminator="kind"),
 ]
 
@@ -486,6 +499,10 @@ class RunConfig(_Strict):
             raise ValueError("features.user history.share_item_embeddings needs members: 1 "
                              "(ensemble members have tables of their own)")
         check_objective(self)
+        if streamed(self.data):
+            refused = streaming_refusals(self)
+            if refused:
+                raise ValueError("; ".join(refused))
         tc = self.training
         temporal = self.evaluation.protocol == "temporal"
         if temporal and tc.validation_fraction:
@@ -501,6 +518,45 @@ class RunConfig(_Strict):
                              "(training.validation_fraction > 0, or training.validation_days "
                              "> 0 under the temporal protocol): it watches validation HR@K")
         return self
+
+
+def streamed(data) -> bool:
+    """Whether a run's training clicks are streamed from shard files."""
+    return isinstance(data, ShardData) and data.stream
+
+
+def streaming_refusals(config: "RunConfig") -> list[str]:
+    """What a streamed run (``data: {kind: shards, stream: true}``) cannot do,
+    each with the reason: everything that needs the whole interactions table
+    in memory (docs/DISTRIBUTED.md)."""
+    whole = "needs every interaction in memory; use data.stream: false"
+    neg, pos, ev, tc = (config.sampling.negatives, config.sampling.positives,
+                        config.evaluation, config.training)
+    checks = {
+        f"objective.kind={config.objective.kind}":
+            (OBJECTIVES[config.objective.kind].batch != "in_batch",
+             "per-query and labelled objectives draw negatives outside each user's whole "
+             "set of clicked and exposed items, which " + whole),
+        "sampling.negatives.extra_candidates": (
+            neg.extra_candidates > 0, "their score mask (the user's own items) " + whole),
+        "sampling.negatives.mask_user_positives": (neg.mask_user_positives,
+                                                   "the mask " + whole),
+        "sampling.positives": (pos.subsample_threshold > 0 or pos.upsample_below > 0,
+                               "re-balancing is not built for streamed input"),
+        "features.user history": (any(f.type == "history" for f in config.features.user),
+                                  "each user's whole click history " + whole),
+        f"evaluation.protocol={ev.protocol}": (
+            ev.protocol != "temporal", "a random split permutes the whole table; streamed "
+            "input splits by time (protocol: temporal)"),
+        "training.validation_days": (tc.validation_days > 0,
+                                     "a streamed run has no validation split"),
+        "evaluation.ease": (ev.ease, "EASE fits the whole click matrix; set "
+                            "evaluation.ease: false"),
+        "data.since/until": (config.data.since is not None or config.data.until is not None,
+                             "time windows are not applied to streamed shards"),
+    }
+    return [f"{key}: not supported with streamed input (data.kind=shards, stream: true): "
+            f"{why}" for key, (refused, why) in checks.items() if refused]
 
 
 class ConfigError(ValueError):

@@ -125,6 +125,24 @@ class PreparedData:
         """(user rows, item rows) [n] of the training positives."""
         return self.encoded.rows(self.splits.train_positives)
 
+    @property
+    def num_train_positives(self) -> int:
+        return len(self.splits.train_positives)
+
+    def trained_users(self) -> pd.DataFrame:
+        """The users table's rows (in table order) with a training click."""
+        users = self.tables.users
+        return users[users["user_id"].isin(self.splits.train_positives["user_id"])]
+
+    def trained_items(self) -> pd.DataFrame:
+        """The items table's rows (in table order) with a training click."""
+        items = self.tables.items
+        return items[items["item_id"].isin(self.splits.train_positives["item_id"])]
+
+    def seen_clicks(self) -> pd.DataFrame:
+        """Every train-split click (seen.parquet; trainer.streaming: in blocks)."""
+        return self.splits.known
+
     def validation_set(self) -> Optional[EvalSet]:
         s = self.splits
         return None if s.validation is None else self.encoded.eval_set(s.train_positives,

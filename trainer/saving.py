@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tensorflow as tf
 
 from trainer.config import RunConfig
@@ -68,8 +70,25 @@ def feature_spec(config: RunConfig, embedding_dim: int) -> dict:
             "user_id_feature": "user_id", "item_id_feature": "item_id"}
 
 
-def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos: pd.DataFrame,
+def write_seen(path: Path, clicks) -> None:
+    """seen.parquet: (user_id, item_id, timestamp) of the training clicks, from a
+    DataFrame or an iterable of them (a streamed run's blocks)."""
+    frames = [clicks] if isinstance(clicks, pd.DataFrame) else clicks
+    writer = None
+    for frame in frames:
+        table = pa.Table.from_pandas(frame[["user_id", "item_id", "timestamp"]],
+                                     preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    if writer is None:
+        raise ValueError("no training clicks to write to seen.parquet")
+    writer.close()
+
+
+def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos,
                        metrics: dict, history: dict) -> None:
+    """``train_pos``: the training clicks, a DataFrame or an iterable of them."""
     save_tower(model.query_tower, out / "towers" / "query")
     save_tower(model.candidate_tower, out / "towers" / "candidate")
     save_model_state(out, model)
@@ -80,7 +99,7 @@ def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos: p
     tables.items[item_cols].to_parquet(out / "items.parquet", index=False)
     tables.users[[c for c in user_cols if c in tables.users]].to_parquet(
         out / "users.parquet", index=False)
-    train_pos[["user_id", "item_id", "timestamp"]].to_parquet(out / "seen.parquet", index=False)
+    write_seen(out / "seen.parquet", train_pos)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(history, indent=2))
     write_report(out, config, metrics, history)

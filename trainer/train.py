@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from trainer import run_dir
 from trainer.batches import TrainingBatches
-from trainer.config import RunConfig, dump_config
+from trainer.config import RunConfig, dump_config, streamed
 from trainer.data import Tables, load_tables
 from trainer.distributed import Distribution
 from trainer.ease import fit_ease
@@ -32,6 +32,7 @@ from trainer.objective_registry import OBJECTIVES, check_distributed
 from trainer.objectives import make_objective
 from trainer.prepare import EncodedTables, PreparedData, prepare_data
 from trainer.saving import save_run_artifacts
+from trainer.streaming import StreamedData, StreamingBatches, prepare_streamed
 from trainer.towers import Tower, TowerEmbedder
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,7 @@ def build_model(config: RunConfig, prepared: PreparedData) -> TwoTowerModel:
     item's id is OOV and the item is represented through its other features);
     every other feature adapts on the rows of users/items that appear in them.
     """
-    tables, train_pos = prepared.tables, prepared.splits.train_positives
-    train_users = tables.users[tables.users["user_id"].isin(train_pos["user_id"])]
-    train_items = tables.items[tables.items["item_id"].isin(train_pos["item_id"])]
+    train_users, train_items = prepared.trained_users(), prepared.trained_items()
     candidate = Tower(config.features.item, config.model.candidate_tower,
                       name="candidate_tower")
     query = Tower(config.features.user, config.model.query_tower, name="query_tower",
@@ -168,7 +167,8 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
     """
     tc = config.training
     dist = distribution or Distribution()
-    batches = TrainingBatches(prepared, config)
+    batches = (StreamingBatches(prepared, config) if isinstance(prepared, StreamedData)
+               else TrainingBatches(prepared, config))
     data = dist.fit_input(batches, tc.batch_size, tc.seed)
     ds = batches.dataset(tc.batch_size, tc.seed) if data is None else data.dataset
     with dist.scope():   # build variables so BackupAndRestore can restore them all
@@ -241,7 +241,7 @@ def run_metrics(config: RunConfig, prepared: PreparedData, fitted: FitResult,
     return {
         "dataset": prepared.tables.name,
         "protocol": config.evaluation.protocol,
-        "train_positives": int(len(prepared.splits.train_positives)),
+        "train_positives": prepared.num_train_positives,
         "train_seconds": round(fitted.train_seconds, 2),
         "epochs_run": len(fitted.history.get("loss", [])),
         "model": evaluation.model,
@@ -269,7 +269,11 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
     (staging / run_dir.RUN_MARKER).write_text(dump_config(config), encoding="utf-8")
     tf.keras.utils.set_random_seed(config.training.seed)
 
-    prepared = prepare_data(config, tables if tables is not None else load_tables(config.data))
+    if streamed(config.data):
+        prepared = prepare_streamed(config)
+    else:
+        prepared = prepare_data(config, tables if tables is not None
+                                else load_tables(config.data))
     with dist.scope():
         model = build_model(config, prepared)
     fitted = fit(model, prepared, config, staging, verbose, extra_callbacks, dist)
@@ -278,7 +282,7 @@ def train(config: RunConfig, output_dir: str | Path, tables: Optional[Tables] = 
         else None
     metrics = run_metrics(config, prepared, fitted,
                           evaluate_model(model, prepared, config.evaluation.ks), ease)
-    save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
+    save_run_artifacts(staging, config, model, prepared.tables, prepared.seen_clicks(),
                        metrics, fitted.history)
     dist.finish(out, staging)
     return TrainingResult(model, metrics, fitted.history, out)

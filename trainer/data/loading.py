@@ -6,10 +6,11 @@ from typing import Callable
 
 import pandas as pd
 
-from trainer.config import (GenericData, MovieLens100K, MovieLensLatest, SyntheticData,
-                            TableSource)
+from trainer.config import (GenericData, MovieLens100K, MovieLensLatest, ShardData,
+                            SyntheticData, TableSource)
 from trainer.data import drifting, movielens, synthetic
 from trainer.data.readers import read_table, rows_of
+from trainer.data.shard_files import load_shards
 from trainer.data.tables import (Tables, canonical_interactions, check_unique,
                                  ensure_entity_table)
 from trainer.data.windows import cut_window
@@ -29,6 +30,8 @@ def load_tables(data) -> Tables:
         tables = movielens.load_ml_latest(data.path)
     elif isinstance(data, GenericData):
         tables = _load_generic(data)
+    elif isinstance(data, ShardData):
+        tables = load_shards(data.path)
     else:  # pragma: no cover - pydantic's discriminator rules this out
         raise TypeError(f"unknown data config {type(data).__name__}")
     tables = cut_window(tables, data.since, data.until)
@@ -42,6 +45,12 @@ def load_tables(data) -> Tables:
 def _load_generic(data: GenericData) -> Tables:
     interactions = _read_source(data.interactions, ("user_id", "item_id"),
                                 canonical_interactions)
+    return Tables(interactions, *load_entities(data), name=Path(data.interactions.path).stem)
+
+
+def load_entities(data: GenericData) -> tuple:
+    """(users, items, ranking_log) of a ``kind: tables`` config, each None when
+    not configured; ids checked unique."""
     users = items = ranking_log = None
     if data.users is not None:
         users = _read_source(data.users, ("user_id",), _unique_ids("user_id"))
@@ -52,8 +61,7 @@ def _load_generic(data: GenericData) -> Tables:
                                    lambda df, source: df.assign(
                                        user_id=df["user_id"].astype(str),
                                        item_id=df["item_id"].astype(str)))
-    return Tables(interactions, users, items, ranking_log=ranking_log,
-                  name=Path(data.interactions.path).stem)
+    return users, items, ranking_log
 
 
 def _read_source(src: TableSource, required: tuple[str, ...],

@@ -254,6 +254,17 @@ def read_table(path: Path, columns: Optional[dict[str, ColumnRef]] = None,
         table = TextTable(path, sep, header, names=tuple(names) if names else None)
         df = _read_text(table, required)
     file_columns = list(df.columns)
+    renames = column_renames(path, file_columns, columns, required, header or bool(names))
+    if not header and not names:   # unnamed positions nobody mapped are unreachable
+        df = df[list(renames)]
+    return df.rename(columns=renames), table
+
+
+def column_renames(path: Path, file_columns: list, columns: dict[str, ColumnRef],
+                   required: Sequence[str] = (), named: bool = True) -> dict:
+    """{file column: canonical name} for ``columns`` (canonical -> file column
+    name or 0-based position); a column that is not there, or a ``required``
+    one left unmapped and absent, is a DataError naming the file."""
     renames, missing = {}, []
     for canon, ref in columns.items():
         if isinstance(ref, int):
@@ -268,16 +279,14 @@ def read_table(path: Path, columns: Optional[dict[str, ColumnRef]] = None,
         renames[ref] = canon
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
-                        f"file has {_shown(file_columns, header or bool(names))}")
-    if not header and not names:   # unnamed positions nobody mapped are unreachable
-        df = df[list(renames)]
-    df = df.rename(columns=renames)
-    absent = [c for c in required if c not in df.columns]
+                        f"file has {_shown(file_columns, named)}")
+    present = set(renames.values()) | (set(file_columns) - set(renames))
+    absent = [c for c in required if c not in present]
     if absent:
         raise DataError(f"{path}: missing required column(s) {absent}; file has "
-                        f"{_shown(file_columns, header or bool(names))} (map them with "
+                        f"{_shown(file_columns, named)} (map them with "
                         "'columns:' in the config)")
-    return df, table
+    return renames
 
 
 def _read_text(table: TextTable, required: Sequence[str]) -> pd.DataFrame:
