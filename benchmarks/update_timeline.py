@@ -139,8 +139,11 @@ def replay(name, config_path, world, start, period, periods, warmup, per_day,
             if kind is None:
                 break
             exported = (schedule == "full+inc" and t >= end - export_periods * period)
-            options = UpdateOptions(until=t, tables=world, verbose=0, publish=PublishOptions(
-                k=100, progress=False))
+            # a full update trains on the last period (a week for ML-100K, not the
+            # CLI's default day); an incremental one on everything since its parent
+            options = UpdateOptions(until=t, window_seconds=period if kind == "full" else None,
+                                    tables=world, verbose=0,
+                                    publish=PublishOptions(k=100, progress=False))
             started = time.perf_counter()
             try:
                 if exported:
