@@ -16,22 +16,23 @@ With several hash functions the estimate is 1 / max_i B_i[h_i(y)]: a bucket
 shared with a more frequent item only shortens B, so the largest B is the
 least contaminated.
 
-Two choices of ours, both tested (tests/test_frequency.py):
+Three choices of ours, all tested (tests/test_frequency.py):
 
 - **k copies in one batch** (TFRS issue #635). The paper updates once per
   step, so B estimates the gap between *steps that contain* the item and
   1 / B = P(seen in a step) saturates at 1: a head item in every batch looks
   the same whether it fills 1 or 50 rows. Here a third array C keeps the
-  moving average of the copies k per step seen (same rate alpha), and the estimate is C / B, the expected copies per batch::
+  moving average of the copies k per step seen (same rate alpha), and the
+  estimate is C / B, the expected copies per batch::
 
       B <- (1 - alpha) B + alpha (t - A);  C <- (1 - alpha) C + alpha k;  A <- t
 
   Its fixed point is E[k | seen] / E[gap | seen] = (lambda / P(seen)) /
   (1 / P(seen)) = lambda for rare and head items alike, each averaged over
   about 1 / alpha sightings. An item never seen twice in a batch keeps C = 1,
-  and the update is the paper's (after the warm-up below). (Folding the k copies into B as k updates
-  of gap (t - A) / k has the same fixed point but only about 1 / (alpha k)
-  steps of memory: on the Zipf stream of the tests, alpha 0.01, its most
+  and the update is the paper's (after the warm-up below). (Folding the k
+  copies into B as k updates of gap (t - A) / k has the same fixed point but
+  only about 1 / (alpha k) steps of memory: on the Zipf stream of the tests, alpha 0.01, its most
   frequent item (15.7 copies a batch) came out 11 % off, against 2 % here.)
   Estimates move per sighting: an item rising 4x is followed to within
   15 % in 5 / alpha steps, one falling 4x in 10 / alpha. With several
@@ -42,8 +43,8 @@ Two choices of ours, both tested (tests/test_frequency.py):
   measurements (rate max(alpha, 1 / n) for its n-th gap or copy count), then
   moving averages with rate alpha (the same cure as Adam's bias correction
   of its moments). A fifth array n counts each bucket's sightings. Without
-  it every estimate starts at 1 / initial_gap and needs several 1 / alpha sightings to leave
-  it: after the 27 steps of one day of the drifting world (3 epochs, batch
+  it every estimate starts at 1 / initial_gap and needs several 1 / alpha
+  sightings to leave it: after the 27 steps of one day of the drifting world (3 epochs, batch
   1024) the plain moving average spanned 0.010-0.10 copies a batch where the
   counts say 0.11-32, so the logQ correction was a quarter as strong as the
   static one's (docs/UPDATES.md, "streaming logQ").
@@ -76,15 +77,14 @@ class StreamingFrequency(tf.keras.layers.Layer):
     reads. The state is five non-trainable weights: ``step`` (int64 scalar,
     the last step t), ``last_step`` A, ``gap`` B, ``copies`` C and
     ``sightings`` n ([num_hashes, num_buckets], int64 / float32 / float32 /
-    int64), saved by
-    ``tf.train.Checkpoint`` and by Keras weight checkpoints like any weight.
+    int64), saved by ``tf.train.Checkpoint`` and by Keras weight checkpoints like any weight.
 
     Args: ``num_buckets`` H per hash (the paper simulates with 5,000; use a
     few times the catalog size); ``num_hashes`` 1-4; ``alpha`` the moving
     average's rate (0.01 in the paper: about 1 / alpha sightings to follow a
-    change); ``initial_gap`` the gap assumed for an item
-    seen only once (100 in the paper; at most the steps seen so far), and
-    1 / initial_gap the estimate of an id never seen.
+    change); ``initial_gap`` the gap assumed for an item seen only once (100
+    in the paper; at most the steps seen so far), and 1 / initial_gap the
+    estimate of an id never seen.
 
     Single-replica training only: under ``tf.distribute`` each replica would
     fold in only its own ids; gather the global batch's ids

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import tensorflow as tf
-
 from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
 
 from trainer.config import RunConfig
