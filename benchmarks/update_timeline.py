@@ -2,10 +2,11 @@
 window that follows it (issue 13 item 8). Not a test.
 
     python benchmarks/update_timeline.py [--days 14] [--per-day 4] [--ml100k DIR]
+        [--worlds drifting,ml100k] [--ml100k-weeks N] [--ml100k-per-week N]
 
 World: configs/drifting.yaml (periods = days) and, with --ml100k, MovieLens
 100K by weeks (periods = weeks). The initial model trains on the first
-``--warmup`` periods; then, per period, the schedules:
+period (ML-100K: the first third of the weeks); then, per period, the schedules:
 
 - stale: never updated;
 - full: one full update at each period start (trained on the last period);
@@ -18,10 +19,13 @@ next one (temporal: each user's earlier clicks excluded, catalog = items
 alive in that span): HR@10 / HR@100 per period. Updates go through
 updates.update.train_candidate (restore, grow, train, gate); the last
 ``--export-periods`` periods of full+inc also export and publish for real,
-which gives the wall times per update kind split into train / export /
-publish. The other updates are committed without an export (marked
+which gives the wall times per update kind split into prepare / train /
+gate / save / export / publish. The other updates are committed without an export (marked
 ``"exported": false`` in published.json): the scores use the same in-memory
-towers that export would embed.
+towers that export would embed. Measured: 14 days at 2 a day of the
+default world took 1271 s on 2 cores (about 8 s an update in process, most
+of it the update's own fixed cost: restore, tracing, saving the run), so 4 a
+day is about 35 min (docs/UPDATES.md).
 """
 from __future__ import annotations
 
@@ -139,19 +143,24 @@ def replay(name, config_path, world, start, period, periods, warmup, per_day,
             if kind is None:
                 break
             exported = (schedule == "full+inc" and t >= end - export_periods * period)
-            options = UpdateOptions(until=t, tables=world, verbose=0, publish=PublishOptions(
-                k=100, progress=False))
+            # a full update trains on the last period (a week for ML-100K, not the
+            # CLI's default day); an incremental one on everything since its parent
+            options = UpdateOptions(until=t, window_seconds=period if kind == "full" else None,
+                                    tables=world, verbose=0,
+                                    publish=PublishOptions(k=100, progress=False))
             started = time.perf_counter()
             try:
                 if exported:
                     result = run_update(kind, runs, models, options)
-                    walls[kind].append(result.seconds)
+                    seconds = result.seconds
                     model = None
                 else:
                     cand = train_candidate(kind, runs, models, options)
                     run_dirs.commit(cand.out)
                     write_json_atomic(cand.out / PUBLISHED_FILE, {"exported": False})
-                    model = cand.model
+                    seconds, model = cand.seconds, cand.model
+                if schedule == "full+inc":
+                    walls[kind].append(seconds)
             except GateRefused as err:
                 log(f"{name} {schedule} {kind} at {t}: {err}")
                 continue
@@ -184,6 +193,10 @@ def main(argv=None):
     p.add_argument("--ml100k", default=None, help="MovieLens 100K directory (weekly replay)")
     p.add_argument("--ml100k-weeks", type=int, default=0,
                    help="weeks of ML-100K to replay (default: all)")
+    p.add_argument("--worlds", default="drifting,ml100k",
+                   help="comma-separated worlds to replay (ml100k needs --ml100k)")
+    p.add_argument("--ml100k-per-week", type=int, default=None,
+                   help="incremental updates per ML-100K week (default: --per-day)")
     p.add_argument("--export-periods", type=int, default=1,
                    help="last periods of full+inc that also export and publish")
     p.add_argument("--output", type=Path, default=REPO / "docs" / "update_timeline")
@@ -197,42 +210,55 @@ def main(argv=None):
 
     work = Path(tempfile.mkdtemp(prefix="timeline-"))
     rows, walls = [], defaultdict(list)
+    worlds = {w.strip() for w in args.worlds.split(",") if w.strip()}
     try:
-        cfg_path = work / "drifting.yaml"
-        config = load_config(REPO / "configs" / "drifting.yaml")
-        config.data.days = args.days
-        config.data.num_users = int(config.data.num_users * args.scale)
-        config.data.num_items = int(config.data.num_items * args.scale)
-        config.data.drift.new_users_per_day = int(config.data.drift.new_users_per_day
-                                                  * args.scale)
-        config.data.drift.new_items_per_day = int(config.data.drift.new_items_per_day
-                                                  * args.scale)
-        config.data.since = config.data.until = None
-        cfg_path.write_text(dump_config(config))
-        world = load_tables(config.data)
-        from trainer.data.drifting import START
-        r, w = replay("drifting", cfg_path, world, START, 86400, args.days, 1, args.per_day,
-                      args.export_periods, schedules, work / "drifting", log)
-        rows += r
-        for k, v in w.items():
-            walls[k] += v
-        if args.ml100k and Path(args.ml100k).is_dir():
-            cfg = load_config(REPO / "configs" / "ml100k.yaml")
-            cfg.data.path = str(Path(args.ml100k).resolve())
-            ml = load_tables(cfg.data)
-            week = 7 * 86400
-            ts = ml.interactions["timestamp"]
-            start = int(ts.min()) // 86400 * 86400
-            weeks = int((ts.max() - start) // week) + 1
-            weeks = min(weeks, args.ml100k_weeks or weeks)
-            ml_path = work / "ml100k.yaml"
-            ml_path.write_text(dump_config(cfg))
-            r, _ = replay("ml100k", ml_path, ml, start, week, weeks, max(2, weeks // 3),
-                          args.per_day, 0, schedules, work / "ml100k", log)
+        if "drifting" in worlds:
+            r, w = replay_drifting(args, schedules, work, log)
             rows += r
+            for k, v in w.items():
+                walls[k] += v
+        if "ml100k" in worlds and args.ml100k and Path(args.ml100k).is_dir():
+            rows += replay_ml100k(args, schedules, work, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(rows, walls, args, time.perf_counter() - started)
+
+
+def replay_drifting(args, schedules, work, log):
+    """configs/drifting.yaml over ``--days`` (x ``--scale``), periods = days."""
+    from trainer.data.drifting import START
+
+    cfg_path = work / "drifting.yaml"
+    config = load_config(REPO / "configs" / "drifting.yaml")
+    config.data.days = args.days
+    config.data.num_users = int(config.data.num_users * args.scale)
+    config.data.num_items = int(config.data.num_items * args.scale)
+    drift = config.data.drift
+    drift.new_users_per_day = int(drift.new_users_per_day * args.scale)
+    drift.new_items_per_day = int(drift.new_items_per_day * args.scale)
+    config.data.since = config.data.until = None
+    cfg_path.write_text(dump_config(config))
+    return replay("drifting", cfg_path, load_tables(config.data), START, 86400, args.days, 1,
+                  args.per_day, args.export_periods, schedules, work / "drifting", log)
+
+
+def replay_ml100k(args, schedules, work, log):
+    """MovieLens 100K by weeks; the first third of the weeks (at least 2) train
+    the initial model. Nothing exported (the wall times are the drifting world's)."""
+    cfg = load_config(REPO / "configs" / "ml100k.yaml")
+    cfg.data.path = str(Path(args.ml100k).resolve())
+    ml = load_tables(cfg.data)
+    week = 7 * 86400
+    ts = ml.interactions["timestamp"]
+    start = int(ts.min()) // 86400 * 86400
+    weeks = int((ts.max() - start) // week) + 1
+    weeks = min(weeks, args.ml100k_weeks or weeks)
+    ml_path = work / "ml100k.yaml"
+    ml_path.write_text(dump_config(cfg))
+    per_week = args.per_day if args.ml100k_per_week is None else args.ml100k_per_week
+    rows, _ = replay("ml100k", ml_path, ml, start, week, weeks, max(2, weeks // 3), per_week,
+                     0, schedules, work / "ml100k", log)
+    return rows
 
 
 def report(rows, walls, args, seconds):
@@ -241,14 +267,18 @@ def report(rows, walls, args, seconds):
     for r in rows:
         lines.append(f"| {r['world']} | {r['schedule']} | {r['updates']} | {r['hr10']:.4f} | "
                      f"{r['hr100']:.4f} | {r['last10']:.4f} | {r['last100']:.4f} |")
-    lines += ["", "| update kind | n | train s | gate s | export s | publish s |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    steps = ("prepare", "train", "gate", "save", "export", "publish")
+    lines += ["", "| update kind (full+inc) | n (exported) | " + " | ".join(
+        f"{k} s" for k in steps) + " |", "| --- " * (len(steps) + 2) + "|"]
     for kind, values in walls.items():
-        mean = {k: np.mean([v[k] for v in values]) for k in values[0]}
-        lines.append(f"| {kind} | {len(values)} | {mean['train']:.1f} | {mean['gate']:.1f} | "
-                     f"{mean['export']:.1f} | {mean['publish']:.2f} |")
+        mean = {k: np.mean([v[k] for v in values if k in v]) if any(k in v for v in values)
+                else float("nan") for k in steps}
+        exported = sum("export" in v for v in values)
+        lines.append(f"| {kind} | {len(values)} ({exported}) | "
+                     + " | ".join(f"{mean[k]:.2f}" for k in steps) + " |")
     lines.append(f"\n{args.days} days, {args.per_day} incremental updates a day, scale "
-                 f"{args.scale}; whole benchmark {seconds:.0f} s")
+                 f"{args.scale}, worlds {args.worlds}; whole benchmark {seconds:.0f} s "
+                 "(export / publish: the exported updates only)")
     text = "\n".join(lines)
     print(text)
     (args.output / "table.md").write_text(text + "\n")

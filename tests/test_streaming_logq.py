@@ -52,7 +52,7 @@ def test_training_updates_it_every_step_and_checkpoints_it(tmp_path):
     assert int(run.model.frequency.step.numpy()) == steps
     saved = dict(tf.train.list_variables(str(tmp_path / "checkpoints" / "epoch-002")))
     names = [n for n in saved if n.startswith("frequency/")]
-    assert len(names) == 4, saved.keys()
+    assert len(names) == 5, saved.keys()
 
 
 @pytest.mark.parametrize("over, message", [

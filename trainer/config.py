@@ -297,6 +297,8 @@ class FeaturesConfig(_Strict):
             raise ValueError(f"features.user history.share_item_embeddings: the history is "
                              f"embedded by item_id's table (embedding_dim "
                              f"{item_id.embedding_dim}), not {shared[0].embedding_dim}")
+        if shared:   # say it, so a dumped run config (all fields written) loads again
+            shared[0].embedding_dim = item_id.embedding_dim
         return self
 
 

@@ -81,7 +81,7 @@ class UpdateResult:
     run: Path
     version: int
     gate: gates.GateResult
-    seconds: dict                         # train / gate / export / publish
+    seconds: dict                         # prepare / train / gate / save / export / publish
     vocabulary: dict                      # feature -> {"admitted", "expired", "reused", "rows"}
 
 
@@ -191,6 +191,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     if kind not in ("full", "incremental"):
         raise UpdateError(f"unknown update kind {kind!r} (full or incremental)")
     runs_dir, model_base = Path(runs_dir), Path(model_base)
+    started = time.perf_counter()
     parent = latest_run(runs_dir)
     config = _config(parent, options)
     tables, since, until = _window(config, parent, kind, options)
@@ -216,7 +217,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     model = restore_model(parent, sample)
     stats, vocabulary = _grow(model, parent, prepared, options, since, until)
     frozen = freeze_all_but_ids(model) if kind == "incremental" else []
-    seconds = {}
+    seconds = {"prepare": round(time.perf_counter() - started, 2)}   # window, restore, grow
     fitted = fit(model, prepared, config, staging, options.verbose)
     seconds["train"] = round(fitted.train_seconds, 2)
     unfreeze(model, frozen)
@@ -233,6 +234,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     seconds["gate"] = round(time.perf_counter() - started, 2)
     log.info("%s", gate.describe())
 
+    started = time.perf_counter()
     metrics = run_metrics(config, prepared, fitted, evaluation)
     save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
                        metrics, fitted.history)
@@ -246,6 +248,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
         "holdout_share": options.holdout, "gate": gate.as_dict(),
         "vocabulary": vocabulary, "min_count": options.min_count,
         "expire_days": options.expire_days})
+    seconds["save"] = round(time.perf_counter() - started, 2)      # the run's artifacts
     return Candidate(out, staging, model, gate, seconds, vocabulary)
 
 
