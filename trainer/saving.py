@@ -7,6 +7,7 @@ and a callable ``embed(features)``, so export can load them with plain
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,7 +15,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
-from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
+
+try:  # tf-keras's own switch, not public API: without it a save only traces more
+    from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
+except ImportError:  # pragma: no cover - a tf-keras that moved it
+    def keras_option_scope(**_):
+        return contextlib.nullcontext()
 
 from trainer.config import RunConfig
 from trainer.features import RAW_DTYPES
