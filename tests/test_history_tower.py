@@ -2,6 +2,7 @@
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
@@ -75,3 +76,36 @@ def test_sharing_needs_an_adapted_item_id_table():
     raw["features"]["item"][0]["vocabulary"] = "hashing"
     with pytest.raises(ConfigError, match="categorical with vocabulary: adapt"):
         parse_config(raw)
+
+
+def test_an_update_window_reads_the_history_of_the_clicks_before_it():
+    """An update trains on its window only, but a user's history (what serving
+    sends) holds the clicks before the window too, in time order, newest last."""
+    from trainer.data import Tables
+
+    raw = copy.deepcopy(TINY)
+    raw["features"]["user"].append({**SHARED, "max_items": 1000})
+    config = parse_config(raw)
+    tables = load_tables(config.data)
+    clicks = tables.interactions[tables.interactions["clicked"] == 1]
+    user = clicks["user_id"].value_counts().index[0]
+    mine = clicks[clicks["user_id"] == user].sort_values("timestamp", kind="stable")
+    cut = mine["timestamp"].iloc[len(mine) // 2]
+    inside = tables.interactions["timestamp"] >= cut
+    window = Tables(tables.interactions[inside].reset_index(drop=True), tables.users,
+                    tables.items, ranking_log=tables.ranking_log, name=tables.name)
+    earlier = clicks[clicks["timestamp"] < cut]
+
+    alone = prepare_data(config, window)
+    joined = prepare_data(config, window, earlier_clicks=earlier)
+    trained = alone.splits.train_positives
+    assert joined.splits.train_positives.equals(trained)        # nothing earlier trains
+    history = joined.tables.users.set_index("user_id")["history"]
+    # all the user's clicks: the earlier ones, then the window's training ones
+    seen = pd.concat([earlier, trained]).sort_values("timestamp", kind="stable")
+    expected = seen[seen["user_id"] == user]["item_id"].astype(str).tolist()
+    window_only = trained[trained["user_id"] == user].sort_values("timestamp", kind="stable")
+    assert len(expected) > len(window_only) > 0
+    assert history[user].split("|") == expected
+    assert alone.tables.users.set_index("user_id")["history"][user].split("|") == \
+        window_only["item_id"].astype(str).tolist()

@@ -162,9 +162,16 @@ class PreparedData:
         return self.encoded.eval_set(fit, val)
 
 
-def prepare_data(config: RunConfig, tables: Tables) -> PreparedData:
+def prepare_data(config: RunConfig, tables: Tables,
+                 earlier_clicks: Optional[pd.DataFrame] = None) -> PreparedData:
+    """``earlier_clicks``: clicks before ``tables``' window (an update's data
+    since the lineage began), which a history feature reads as training and
+    serving do but nothing trains on; None for a run on all its data."""
     splits = split_data(config, tables)
-    tables = with_history(tables, splits.train_positives, config.features.user)
+    history_clicks = splits.train_positives
+    if earlier_clicks is not None and len(earlier_clicks):
+        history_clicks = pd.concat([earlier_clicks, history_clicks], ignore_index=True)
+    tables = with_history(tables, history_clicks, config.features.user)
     encoded = EncodedTables.build(tables.users, tables.items, config.features.user,
                                   config.features.item)
     _, items = encoded.rows(splits.train_positives)

@@ -121,7 +121,8 @@ def _trained_until(parent: Path) -> int:
 
 
 def _window(config: RunConfig, parent: Path, kind: Kind, options: UpdateOptions):
-    """(tables of the window, since, until); errors name the window or the file."""
+    """(tables of the window, the clicks before it, since, until); errors name
+    the window or the file. The earlier clicks feed a history feature only."""
     data = config.data.model_copy(update={"since": None, "until": None})
     try:
         everything = options.tables if options.tables is not None else load_tables(data)
@@ -148,7 +149,9 @@ def _window(config: RunConfig, parent: Path, kind: Kind, options: UpdateOptions)
                                        tables.interactions["user_id"].to_numpy())
     tables.items = ensure_entity_table(tables.items, "item_id",
                                        tables.interactions["item_id"].to_numpy())
-    return tables, since, until
+    clicks = everything.interactions
+    earlier = clicks[(clicks["timestamp"] < since) & (clicks["clicked"] == 1)]
+    return tables, earlier, since, until
 
 
 def _grow(model, parent: Path, prepared, options: UpdateOptions, since: int, until: int):
@@ -194,7 +197,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     started = time.perf_counter()
     parent = latest_run(runs_dir)
     config = _config(parent, options)
-    tables, since, until = _window(config, parent, kind, options)
+    tables, earlier_clicks, since, until = _window(config, parent, kind, options)
     holdout_days = options.holdout * (until - since) / _DAY
     raw = config.model_dump(mode="json")
     raw["data"].update(since=since, until=until)
@@ -204,7 +207,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
                              ks=sorted(set(config.evaluation.ks) | {options.gate_k}))
     config = parse_config(raw, f"the update's config (parent {parent})")
     try:
-        prepared = prepare_data(config, tables)
+        prepared = prepare_data(config, tables, earlier_clicks)
     except ValueError as err:
         raise UpdateError(f"data window {describe_window(since, until)}: {err}") from err
 
