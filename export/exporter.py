@@ -23,9 +23,10 @@ import tensorflow as tf
 from export.catalog import embed_catalog
 from export.change_detection import (FullBuildNeeded, catalog_fingerprints, tower_state,
                                      write_fingerprints, write_tower_state)
+from export.ground_truth import ExactLists, full_lists, write_lists
 from export.metadata import now_iso, write_metadata
 from export.run_artifacts import TrainedRun, feature_columns, load_run, read_items
-from export.scann_tuning import ScannParams, TuningResult, escalate, exact_top_k, tune
+from export.scann_tuning import ScannParams, TuningResult, escalate, tune
 from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_index,
                                    scann_index, tower_module)
 from export.verify import (FULL_CHECKS, ExportCheckError, RetrievalChecks, SessionModel,
@@ -95,6 +96,7 @@ class _Context:
     fingerprints: pd.Series  # catalog_fingerprints of ``items``, stored with `retrieval`
     seconds: dict = field(default_factory=dict)  # embed_catalog / tune wall times
     truth: dict = field(default_factory=dict)  # k -> exact top-k rows of query_emb (cached)
+    exact_lists: Optional[ExactLists] = None  # query_emb's exact best items, kept with retrieval
 
 
 def export_run(run_dir: str | Path, model_base: str | Path,
@@ -232,6 +234,7 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
             out.mkdir()
     if name == "retrieval":  # what the next incremental export compares against
         write_fingerprints(out, ctx.fingerprints)
+        write_lists(out, ctx.exact_lists)
         try:
             write_tower_state(out, tower_state(ctx.run.candidate_tower))
         except FullBuildNeeded:
@@ -297,7 +300,10 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool,
     with SessionModel(out) as model:
         got = model.run(_head(ctx.user_inputs, n), batch_size=32)
         if k not in ctx.truth:  # the same for both retrieval models of one export
-            ctx.truth[k] = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
+            if ctx.exact_lists is None:  # an incremental export carries them over
+                ctx.exact_lists = full_lists(ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
+                                             2 * k)
+            ctx.truth[k] = ctx.exact_lists.top_rows(k, pd.Index(ctx.catalog_ids.astype(str)))
         truth_rows = ctx.truth[k][:n]
         truth_ids = ctx.catalog_ids[truth_rows]
         measured = recall(got["item_ids"], truth_ids)

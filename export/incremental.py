@@ -35,6 +35,7 @@ from export.exporter import (ExportOptions, ExportResult, PrebuiltScann, RecallT
                              _context, _export)
 from export.index_refresh import (IMBALANCE_STAT, IndexStateError, read_index_state, refresh,
                                   saved_arrays, scann_layer_from_state)
+from export.ground_truth import TruthMismatch, read_lists, updated_lists
 from export.metadata import read_metadata
 from export.run_artifacts import TrainedRun, feature_columns, load_run, read_items
 from export.scann_tuning import ScannParams
@@ -151,15 +152,35 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
 
     ctx = _context(run, options, items=items, fingerprints=fingerprints,
                    catalog=(refreshed.state.item_ids, refreshed.state.vectors))
+    ctx.exact_lists, truth = _carried_truth(base_dir, ctx, plan,
+                                            min(options.k, len(ctx.catalog_ids)))
+    detail.lap("context")
     update = {"kind": "incremental", "base_version": base,
               "changed_fraction": round(changed, 6), **settings, **counts,
               "reasons": plan.reasons, "baseline_imbalance": baseline,
               "scann_health": {"before": refreshed.health_before,
                                "after": refreshed.health_after},
-              "incremental_options": asdict(incremental), "seconds": seconds}
+              "ground_truth": truth, "incremental_options": asdict(incremental),
+              "seconds": seconds}
     return _export(ctx, model_base, options,
                    PrebuiltScann(layer, params, saved_arrays(refreshed.state)),
                    {"update": update}, INCREMENTAL_CHECKS)
+
+
+def _carried_truth(base_dir: Path, ctx, plan, k: int):
+    """The check queries' exact lists, updated from the previous version's when
+    it has them for the same query vectors (export.ground_truth), and how."""
+    previous = read_lists(base_dir)
+    if previous is None:
+        return None, "brute force (the previous version stores no exact lists)"
+    try:
+        lists = updated_lists(previous, ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
+                              np.concatenate([plan.reembed, plan.deleted]), k)
+    except TruthMismatch as err:
+        return None, f"brute force ({err})"
+    if lists is None:
+        return None, "brute force (other query vectors than the previous version's)"
+    return lists, f"carried from version {base_dir.name}, re-embedded rows scored"
 
 
 class _Stopwatch:

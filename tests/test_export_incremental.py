@@ -77,6 +77,7 @@ def test_incremental_export_refreshes_only_what_moved(update, tiny_run):
     # the candidate tower state came from version 1's file, not from loading its tower
     assert read_tower_state(base / "retrieval" / "1") is not None
     assert "compare_towers" in u["seconds"]["steps"]
+    assert u["ground_truth"] == "carried from version 1, re-embedded rows scored"
     assert read_metadata(base / "query_tower" / "2")["update"]["kind"] == "incremental"
 
     # an item not re-embedded has bit-identical vectors in both runs
@@ -170,6 +171,44 @@ def test_a_corrupted_exact_matrix_is_not_published(update, monkeypatch):
         export_incremental(child, base, options(items_path), IncrementalOptions(base_version=1))
     assert {m: sorted(p.name for p in (base / m).iterdir())
             for m in exporter.ALL_MODELS} == before
+
+
+def _churn(rng, ids, emb, step):
+    """5 % of the rows get new vectors, 20 deleted, 100 new: (ids, emb, changed ids)."""
+    n = len(ids)
+    moved = rng.choice(n, n // 20, replace=False)
+    emb = emb.copy()
+    emb[moved] = rng.normal(size=(len(moved), emb.shape[1]))
+    gone = rng.choice(np.setdiff1d(np.arange(n), moved), 20, replace=False)
+    keep = np.setdiff1d(np.arange(n), gone)
+    new = np.array([f"s{step}-{i}" for i in range(100)], dtype=object)
+    changed = np.concatenate([ids[moved], ids[gone], new])
+    return (np.concatenate([ids[keep], new]),
+            np.concatenate([emb[keep], rng.normal(size=(100, emb.shape[1]))]).astype(np.float32),
+            changed)
+
+
+def test_carried_exact_lists_equal_a_brute_force_over_a_chain_of_updates():
+    """The incremental export's recall ground truth (the previous version's exact
+    lists, the re-embedded rows scored) is the brute force's top-k after each of 8
+    updates; a stored list that is wrong is caught by the spot checks."""
+    from export.ground_truth import TruthMismatch, full_lists, updated_lists
+
+    rng = np.random.default_rng(0)
+    k, ids = 10, np.array([f"i{i}" for i in range(5000)], dtype=object)
+    emb = rng.normal(size=(5000, 16)).astype(np.float32)
+    queries = rng.normal(size=(100, 16)).astype(np.float32)
+    lists = full_lists(queries, ids, emb, 2 * k)
+    for step in range(8):
+        ids, emb, changed = _churn(rng, ids, emb, step)
+        lists = updated_lists(lists, queries, ids, emb, changed, k)
+        brute = full_lists(queries, ids, emb, 2 * k)
+        np.testing.assert_array_equal(lists.ids[:, :k], brute.ids[:, :k])
+        np.testing.assert_allclose(lists.scores[:, :k], brute.scores[:, :k], atol=1e-5)
+    assert updated_lists(lists, queries + 1e-3, ids, emb, changed, k) is None  # other queries
+    lists.scores[:, 0] += 0.5  # a stored list that lies about every query's best score
+    with pytest.raises(TruthMismatch, match="disagrees with a brute force"):
+        updated_lists(lists, queries, ids, emb, changed[:0], k)
 
 
 def test_fallback_to_full_export_above_the_threshold(update):
