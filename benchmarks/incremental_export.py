@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     inc = export_incremental(child, inc_base, ExportOptions(k=K, items_path=str(path1)))
     inc_wall = time.perf_counter() - t
     update = inc.metadata["retrieval"]["update"]
-    say(f"update: {json.dumps({k: update.get(k) for k in ('kind', 'fallback_reason', 're_embedded', 'inserted', 'updated', 'deleted', 'changed_fraction', 'reasons')})}")
+    say(f"update: {json.dumps({k: update.get(k) for k in ('kind', 'fallback_reason', 're_embedded', 'inserted', 'updated', 'deleted', 'changed_fraction', 'reasons', 'ground_truth')})}")
     say(f"incremental steps (s): {json.dumps(update.get('seconds'))}")
     say("per model (s): " + json.dumps({n: {**m["seconds"], "total": m["export_seconds"]}
                                         for n, m in inc.metadata.items()}))
