@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,14 +21,17 @@ import scann  # noqa: F401  - registers the Scann>* ops for saving and session l
 import tensorflow as tf
 
 from export.catalog import embed_catalog
-from export.change_detection import catalog_fingerprints, write_fingerprints
+from export.change_detection import (FullBuildNeeded, catalog_fingerprints, tower_state,
+                                     write_fingerprints, write_tower_state)
+from export.ground_truth import ExactLists, full_lists, write_lists
 from export.metadata import now_iso, write_metadata
 from export.run_artifacts import TrainedRun, feature_columns, load_run, read_items
-from export.scann_tuning import ScannParams, TuningResult, escalate, exact_top_k, tune
+from export.scann_tuning import ScannParams, TuningResult, escalate, tune
 from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_index,
                                    scann_index, tower_module)
-from export.verify import (ExportCheckError, check_close, check_exact_retrieval, recall,
-                           SessionModel, run_with_session)
+from export.verify import (FULL_CHECKS, ExportCheckError, RetrievalChecks, SessionModel,
+                           check_close, check_exact_retrieval, check_saved_arrays, recall,
+                           run_with_session)
 from export.versioning import StagedVersion, export_lock, next_version
 from export.warmup import write_warmup_requests
 
@@ -46,10 +49,12 @@ class RecallTooLowError(ExportCheckError):
 @dataclass
 class PrebuiltScann:
     """A ScaNN index built elsewhere (export.incremental: the previous index,
-    refreshed): a TFRS ScaNN layer over ``ctx.catalog_emb``'s rows, and the
-    parameters it was built and is searched with. Used once, never escalated."""
+    refreshed): a TFRS ScaNN layer over ``ctx.catalog_emb``'s rows, the
+    parameters it was built and is searched with, and the arrays its saved
+    variables must hold (object path -> array). Used once, never escalated."""
     layer: object
     params: ScannParams
+    saved_arrays: dict = field(default_factory=dict)
 
 
 ALL_MODELS = ("query_tower", "candidate_tower", "retrieval", "retrieval_exact")
@@ -91,6 +96,7 @@ class _Context:
     fingerprints: pd.Series  # catalog_fingerprints of ``items``, stored with `retrieval`
     seconds: dict = field(default_factory=dict)  # embed_catalog / tune wall times
     truth: dict = field(default_factory=dict)  # k -> exact top-k rows of query_emb (cached)
+    exact_lists: Optional[ExactLists] = None  # query_emb's exact best items, kept with retrieval
 
 
 def export_run(run_dir: str | Path, model_base: str | Path,
@@ -107,7 +113,8 @@ def export_run(run_dir: str | Path, model_base: str | Path,
 
 def _export(ctx: _Context, model_base: Path, options: ExportOptions,
             prebuilt: Optional[PrebuiltScann] = None,
-            extra_metadata: Optional[dict] = None) -> ExportResult:
+            extra_metadata: Optional[dict] = None,
+            checks: RetrievalChecks = FULL_CHECKS) -> ExportResult:
     version = next_version(model_base, list(options.models), options.version)
     tuning = None
     if "retrieval" in options.models and prebuilt is None:
@@ -118,7 +125,7 @@ def _export(ctx: _Context, model_base: Path, options: ExportOptions,
     with StagedVersion(model_base, list(options.models), version) as stage:
         for name in options.models:
             started = time.perf_counter()
-            meta = _build_model(name, ctx, stage.dir(name), tuning, prebuilt)
+            meta = _build_model(name, ctx, stage.dir(name), tuning, prebuilt, checks)
             meta.update(_common_metadata(name, version, ctx))
             meta.update(extra_metadata or {})
             meta["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -171,7 +178,8 @@ def _head(inputs: dict, n: int) -> dict:
 
 
 def _build_model(name: str, ctx: _Context, out: Path, tuning,
-                 prebuilt: Optional[PrebuiltScann] = None) -> dict:
+                 prebuilt: Optional[PrebuiltScann] = None,
+                 checks: RetrievalChecks = FULL_CHECKS) -> dict:
     run, o = ctx.run, ctx.options
     if name in ("query_tower", "candidate_tower"):
         side = "query" if name == "query_tower" else "candidate"
@@ -212,7 +220,9 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
                             options=SAVE_OPTIONS)
         saved = time.perf_counter()
         try:
-            meta = _check_retrieval(name, out, ctx, k, exact)
+            if checks.saved_arrays:
+                check_saved_arrays(name, out, _served_arrays(ctx, exact, prebuilt))
+            meta = _check_retrieval(name, out, ctx, k, exact, checks)
             meta.update(_step_seconds(indexed, saved))
             meta["seconds"]["index"] = round(indexed - started, 2)
             break
@@ -222,8 +232,13 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
             params = escalate(params)  # this build's tree fell short: search more
             shutil.rmtree(out)
             out.mkdir()
-    if name == "retrieval":
+    if name == "retrieval":  # what the next incremental export compares against
         write_fingerprints(out, ctx.fingerprints)
+        write_lists(out, ctx.exact_lists)
+        try:
+            write_tower_state(out, tower_state(ctx.run.candidate_tower))
+        except FullBuildNeeded:
+            pass  # a tower that cannot be compared: the next one is a full build anyway
     seen = _seen_matrix(ctx, rows=2, columns=min(3, o.max_exclude))
     write_warmup_requests(out, name, [
         ("serving_default", _head(ctx.user_inputs, 1)),
@@ -236,6 +251,7 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
                       "refreshed": prebuilt is not None})
     meta["k"] = k
     meta["max_exclude"] = o.max_exclude
+    meta["checks"] = asdict(checks)
     meta["signatures"] = {
         "serving_default": "raw user features -> item_ids [None, k], scores [None, k]",
         "retrieve_excluding": f"... + {SEEN_INPUT} [None, None] (pad with \"\")"}
@@ -259,21 +275,41 @@ def _seen_matrix(ctx: _Context, rows: int, columns: int = 3) -> np.ndarray:
     return m
 
 
-def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -> dict:
-    """Session-run the staged model; exact must match numpy, ScaNN reach the recall.
+def _served_arrays(ctx: _Context, exact: bool, prebuilt: Optional[PrebuiltScann]) -> dict:
+    """Object path -> the array a retrieval model's variable must hold once saved."""
+    n = len(ctx.catalog_ids)
+    arrays = {"item_ids": ctx.catalog_ids,
+              "index/_identifiers": np.arange(n, dtype=np.int64)}
+    if exact:
+        arrays["index/_candidates"] = ctx.catalog_emb
+    elif prebuilt is not None:
+        arrays.update(prebuilt.saved_arrays)
+    return arrays
+
+
+def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool,
+                     checks: RetrievalChecks = FULL_CHECKS) -> dict:
+    """Session-run the staged model; exact must match numpy (on
+    ``checks.exact_queries`` of the sampled users), ScaNN reach the recall on all.
 
     The model is loaded once for all checks and the latency probe.
     """
+    n = len(ctx.query_emb)
+    if exact and checks.exact_queries is not None:
+        n = min(n, checks.exact_queries)
     with SessionModel(out) as model:
-        got = model.run(ctx.user_inputs, batch_size=32)
+        got = model.run(_head(ctx.user_inputs, n), batch_size=32)
         if k not in ctx.truth:  # the same for both retrieval models of one export
-            ctx.truth[k] = exact_top_k(ctx.query_emb, ctx.catalog_emb, k)
-        truth_rows = ctx.truth[k]
+            if ctx.exact_lists is None:  # an incremental export carries them over
+                ctx.exact_lists = full_lists(ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
+                                             2 * k)
+            ctx.truth[k] = ctx.exact_lists.top_rows(k, pd.Index(ctx.catalog_ids.astype(str)))
+        truth_rows = ctx.truth[k][:n]
         truth_ids = ctx.catalog_ids[truth_rows]
         measured = recall(got["item_ids"], truth_ids)
         if exact:
-            check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb, truth_rows,
-                                  ctx.catalog_ids, ctx.catalog_emb)
+            check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb[:n],
+                                  truth_rows, ctx.catalog_ids, ctx.catalog_emb)
         elif measured < ctx.options.recall_target:
             raise _RecallTooLow(
                 f"retrieval: ScaNN recall@{k} {measured:.4f} is below the target "
@@ -286,8 +322,8 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool) -
             if seen[0] in set(row):
                 raise ExportCheckError(f"{name}: retrieve_excluding returned the excluded "
                                        f"item {seen[0]}")
-        return {f"recall@{k}_vs_exact": round(measured, 4),
-                "latency": _latency(model, ctx.user_inputs)}
+        return {f"recall@{k}_vs_exact": round(measured, 4), "checked_queries": n,
+                "latency": _latency(model, ctx.user_inputs, checks.latency_probes + 1)}
 
 
 def _latency(model: SessionModel, inputs: dict, n: int = 301) -> dict:

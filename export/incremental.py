@@ -29,14 +29,17 @@ import pandas as pd
 import tensorflow as tf
 
 from export.change_detection import (FullBuildNeeded, catalog_fingerprints, compare_towers,
-                                     plan_update, read_fingerprints, tower_state)
+                                     plan_update, read_fingerprints, read_tower_state,
+                                     tower_state)
 from export.exporter import (ExportOptions, ExportResult, PrebuiltScann, RecallTooLowError,
                              _context, _export)
 from export.index_refresh import (IMBALANCE_STAT, IndexStateError, read_index_state, refresh,
-                                  scann_layer_from_state)
+                                  saved_arrays, scann_layer_from_state)
+from export.ground_truth import TruthMismatch, read_lists, updated_lists
 from export.metadata import read_metadata
 from export.run_artifacts import TrainedRun, feature_columns, load_run, read_items
 from export.scann_tuning import ScannParams
+from export.verify import INCREMENTAL_CHECKS
 from export.versioning import VersionError, existing_versions, export_lock, is_complete
 
 
@@ -100,7 +103,8 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
                               f"k={options.k}, max_exclude={options.max_exclude}")
     state = read_index_state(base_dir)
     detail.lap("read_index")
-    old_tower = tower_state(tf.saved_model.load(str(_base_tower(model_base, base, base_meta))))
+    old_tower = read_tower_state(base_dir) or tower_state(
+        tf.saved_model.load(str(_base_tower(model_base, base, base_meta))))
     id_changes = compare_towers(old_tower, tower_state(run.candidate_tower),
                                 run.spec.get("item_id_feature", "item_id"))
     detail.lap("compare_towers")
@@ -110,9 +114,10 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
     detail.lap("compare_catalog")
     seconds["detect"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
 
-    vectors = _embed(run, items, plan.reembed)
+    catalog_rows = pd.Index(items["item_id"].astype(str))
+    vectors = _embed(run, items, catalog_rows, plan.reembed)
     index_rows = pd.Index(state.item_ids)
-    _probe(run, items, plan.unchanged, state, index_rows, incremental)
+    _probe(run, items, catalog_rows, plan.unchanged, state, index_rows, incremental)
     rows = index_rows.get_indexer(plan.reembed)
     known = rows >= 0
     moved = ~known | (vectors != state.vectors[np.maximum(rows, 0)]).any(axis=1)
@@ -147,13 +152,35 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
 
     ctx = _context(run, options, items=items, fingerprints=fingerprints,
                    catalog=(refreshed.state.item_ids, refreshed.state.vectors))
+    ctx.exact_lists, truth = _carried_truth(base_dir, ctx, plan,
+                                            min(options.k, len(ctx.catalog_ids)))
+    detail.lap("context")
     update = {"kind": "incremental", "base_version": base,
               "changed_fraction": round(changed, 6), **settings, **counts,
               "reasons": plan.reasons, "baseline_imbalance": baseline,
               "scann_health": {"before": refreshed.health_before,
                                "after": refreshed.health_after},
-              "incremental_options": asdict(incremental), "seconds": seconds}
-    return _export(ctx, model_base, options, PrebuiltScann(layer, params), {"update": update})
+              "ground_truth": truth, "incremental_options": asdict(incremental),
+              "seconds": seconds}
+    return _export(ctx, model_base, options,
+                   PrebuiltScann(layer, params, saved_arrays(refreshed.state)),
+                   {"update": update}, INCREMENTAL_CHECKS)
+
+
+def _carried_truth(base_dir: Path, ctx, plan, k: int):
+    """The check queries' exact lists, updated from the previous version's when
+    it has them for the same query vectors (export.ground_truth), and how."""
+    previous = read_lists(base_dir)
+    if previous is None:
+        return None, "brute force (the previous version stores no exact lists)"
+    try:
+        lists = updated_lists(previous, ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
+                              np.concatenate([plan.reembed, plan.deleted]), k)
+    except TruthMismatch as err:
+        return None, f"brute force ({err})"
+    if lists is None:
+        return None, "brute force (other query vectors than the previous version's)"
+    return lists, f"carried from version {base_dir.name}, re-embedded rows scored"
 
 
 class _Stopwatch:
@@ -179,22 +206,24 @@ def _base_tower(model_base: Path, base: int, base_meta: dict) -> Path:
                           f"{model_base / 'candidate_tower'} nor in its run directory")
 
 
-def _embed(run: TrainedRun, items, item_ids: np.ndarray) -> np.ndarray:
-    """Candidate vectors [len(item_ids), d] of these catalog items."""
+def _embed(run: TrainedRun, items, catalog_rows: pd.Index, item_ids: np.ndarray) -> np.ndarray:
+    """Candidate vectors [len(item_ids), d] of these catalog items
+    (``catalog_rows``: the catalog's item ids, row order)."""
     if not len(item_ids):
         return np.zeros((0, run.embedding_dim), np.float32)
-    subset = items.iloc[pd.Index(items["item_id"].astype(str)).get_indexer(item_ids)]
+    subset = items.iloc[catalog_rows.get_indexer(item_ids)]
     return run.embed("candidate", feature_columns(subset, run.spec["candidate"], "item table"))
 
 
-def _probe(run, items, unchanged: np.ndarray, state, index_rows: pd.Index,
+def _probe(run, items, catalog_rows: pd.Index, unchanged: np.ndarray, state,
+           index_rows: pd.Index,
            incremental: IncrementalOptions) -> None:
     """Items judged unchanged must embed to their published vectors (to rounding)."""
     n = min(incremental.probe_items, len(unchanged))
     if n <= 0:
         return
     sample = np.random.default_rng(0).choice(unchanged, n, replace=False)
-    got = _embed(run, items, sample)
+    got = _embed(run, items, catalog_rows, sample)
     want = state.vectors[index_rows.get_indexer(sample)]
     differs = (np.abs(got - want) > incremental.probe_atol).any(axis=1)
     if differs.any():

@@ -10,8 +10,9 @@ so the refresh goes through ScaNN's pybind searcher, which can mutate one:
     checkpoint tensors ─▶ ScaNN's serialized-searcher files ─▶ scann_ops_pybind
     load_searcher ─▶ delete / upsert (new points go to their nearest existing
     leaf and are coded with the existing codebook) ─▶ serialize ─▶ tensors
-    ─▶ tensors_to_scann (the TF op rebuilds and re-serializes it: proof that
-    the served graph accepts the state) ─▶ TFRS ScaNN layer.
+    ─▶ the TFRS ScaNN layer's ScannState variables, as they are (the served
+    graph's tensors_to_scann builds the searcher from them when the model is
+    loaded: the export's session check proves it accepts them).
 
 Both serialized forms are the same bytes (binary protos, ``.npy`` arrays), so the
 conversion is file I/O, not re-encoding.
@@ -29,11 +30,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
-from tensorflow.core.protobuf import trackable_object_graph_pb2
 from scann.scann_ops.py import scann_ops, scann_ops_pybind
 from scann.scann_ops.py.scann_ops_pybind_backcompat import populate_and_save_assets_proto
 
 from export.scann_tuning import ScannParams
+from export.verify import checkpoint_keys
 
 # ScannState's tensors, in tensors_to_scann's argument order after `dataset`;
 # each is also the stem of ScaNN's serialized-searcher file for it.
@@ -77,7 +78,7 @@ def read_index_state(version_dir: Path) -> IndexState:
         reader = tf.train.load_checkpoint(str(prefix))
     except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as err:
         raise IndexStateError(f"{prefix}: cannot read the checkpoint ({err})") from None
-    keys = _checkpoint_keys(reader)
+    keys = checkpoint_keys(reader)
 
     def value(path: str) -> np.ndarray:
         if path not in keys:
@@ -94,26 +95,6 @@ def read_index_state(version_dir: Path) -> IndexState:
         raise IndexStateError(f"{version_dir}: the ScaNN state keeps no float dataset for "
                               f"its {len(ids)} items (built without re-ordering?)")
     return IndexState(tensors, ids)
-
-
-def _checkpoint_keys(reader) -> dict[str, str]:
-    """Object path ("index/_serialized_searcher/dataset") -> checkpoint key, from the
-    checkpoint's object graph (the keys themselves only number a layer's variables)."""
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    keys, queue, seen = {}, [("", 0)], set()
-    while queue:
-        path, node_id = queue.pop(0)
-        node = graph.nodes[node_id]
-        for attr in node.attributes:  # every path to a variable, not only the first
-            if attr.name == "VARIABLE_VALUE":
-                keys[path] = attr.checkpoint_key
-        if node_id in seen:
-            continue
-        seen.add(node_id)
-        queue.extend((f"{path}/{c.local_name}" if path else c.local_name, c.node_id)
-                     for c in node.children)
-    return keys
 
 
 def refresh(state: IndexState, delete_ids, upsert_ids, upsert_vectors: np.ndarray,
@@ -200,12 +181,25 @@ def _check_rows(old: IndexState, new: IndexState, deleted: set, upsert_ids: list
 
 
 class _StateScaNN(tfrs.layers.factorized_top_k.ScaNN):
-    """TFRS's ScaNN layer whose searcher comes from given state tensors instead of
-    being trained; ``index()`` keeps TFRS's own identifiers handling."""
+    """TFRS's ScaNN layer whose state is given tensors instead of a trained
+    searcher; ``index()`` keeps TFRS's own identifiers handling. The state goes
+    into the layer's ``ScannState`` variables as it is: no searcher is built here
+    (the served graph builds one from them when loaded, which the export's
+    session check does)."""
 
     def __init__(self, tensors: dict[str, np.ndarray], **kwargs):
         super().__init__(**kwargs)
-        self._build_searcher = lambda candidates: searcher_from_tensors(tensors)
+        self._build_searcher = lambda candidates: _GivenState(tensors)
+
+
+class _GivenState:
+    """What TFRS's ScaNN.index() asks of a built searcher: its ScannState."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]):
+        self.tensors = tensors
+
+    def serialize_to_module(self) -> scann_ops.ScannState:
+        return scann_ops.ScannState([tf.constant(self.tensors[f]) for f in STATE_FIELDS])
 
 
 def searcher_from_tensors(tensors: dict[str, np.ndarray]) -> scann_ops.ScannSearcher:
@@ -214,6 +208,11 @@ def searcher_from_tensors(tensors: dict[str, np.ndarray]) -> scann_ops.ScannSear
     args = [tf.constant(tensors[f]) for f in STATE_FIELDS]
     return scann_ops.ScannSearcher(scann_ops.tensors_to_scann(
         args[-1], *args[:-1], shared_name=f"refreshed-{uuid.uuid4()}"))
+
+
+def saved_arrays(state: IndexState) -> dict[str, np.ndarray]:
+    """Object path -> array the retrieval SavedModel's ScaNN variables must hold."""
+    return {f"index/_serialized_searcher/{f}": state.tensors[f] for f in STATE_FIELDS}
 
 
 def scann_layer_from_state(state: IndexState, k: int, params: ScannParams):

@@ -8,15 +8,41 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 
 class ExportCheckError(RuntimeError):
     """An exported model that does not behave as the towers it came from."""
+
+
+@dataclass(frozen=True)
+class RetrievalChecks:
+    """How a staged retrieval model is checked (docs/ARTIFACTS.md, "What an
+    export checks").
+
+    ``exact_queries``: sampled users that retrieval_exact answers through the
+    session, compared with a numpy brute force (None: every sampled user).
+    ``latency_probes``: single queries timed through the session for the metadata.
+    ``saved_arrays``: read the staged checkpoint back and compare the arrays the
+    model serves from (exact matrix, ScaNN state, row -> item ids) bit for bit
+    with what was built, every row.
+    """
+    exact_queries: Optional[int] = None
+    latency_probes: int = 300
+    saved_arrays: bool = False
+
+
+FULL_CHECKS = RetrievalChecks()
+# An incremental export changes only rows of arrays whose every byte is compared,
+# so its session checks need to prove only that the graph serves from them.
+INCREMENTAL_CHECKS = RetrievalChecks(exact_queries=64, latency_probes=50, saved_arrays=True)
 
 
 class SessionModel:
@@ -98,3 +124,48 @@ def recall(found_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean overlap of two [Q, k] id matrices, divided by k."""
     return float(np.mean([len(set(a) & set(b)) / len(b)
                           for a, b in zip(found_ids.astype(str), exact_ids.astype(str))]))
+
+
+def checkpoint_keys(reader) -> dict[str, str]:
+    """Object path ("index/_serialized_searcher/dataset") -> checkpoint key, from the
+    checkpoint's object graph (the keys themselves only number a layer's variables)."""
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    keys, queue, seen = {}, [("", 0)], set()
+    while queue:
+        path, node_id = queue.pop(0)
+        node = graph.nodes[node_id]
+        for attr in node.attributes:  # every path to a variable, not only the first
+            if attr.name == "VARIABLE_VALUE":
+                keys[path] = attr.checkpoint_key
+        if node_id in seen:
+            continue
+        seen.add(node_id)
+        queue.extend((f"{path}/{c.local_name}" if path else c.local_name, c.node_id)
+                     for c in node.children)
+    return keys
+
+
+def check_saved_arrays(name: str, export_dir: Path, expected: dict[str, np.ndarray]) -> None:
+    """The staged SavedModel's variables at these object paths hold exactly
+    ``expected`` (shape, dtype and every byte): what the served graph reads."""
+    reader = tf.train.load_checkpoint(str(Path(export_dir) / "variables" / "variables"))
+    keys = checkpoint_keys(reader)
+    for path, want in expected.items():
+        if path not in keys:
+            raise ExportCheckError(f"{name}: the saved model has no variable {path!r}")
+        got, want = reader.get_tensor(keys[path]), np.asarray(want)
+        if got.dtype == object:  # string tensors come back as bytes
+            want = np.array([w if isinstance(w, bytes) else str(w).encode()
+                             for w in want.ravel()], dtype=object).reshape(want.shape)
+        elif got.dtype != want.dtype:
+            raise ExportCheckError(f"{name}: saved variable {path} is {got.dtype}, built "
+                                   f"{want.dtype}")
+        if got.shape != want.shape:
+            raise ExportCheckError(f"{name}: saved variable {path} has shape {got.shape}, "
+                                   f"built {want.shape}")
+        differs = (got != want).reshape(max(1, len(got) if got.ndim else 1), -1).any(axis=1)
+        if differs.any():
+            raise ExportCheckError(f"{name}: saved variable {path} does not hold what was "
+                                   f"built (row {int(np.flatnonzero(differs)[0])} of "
+                                   f"{len(differs)} differs first, {int(differs.sum())} in all)")
