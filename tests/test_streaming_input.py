@@ -194,18 +194,24 @@ def test_streamed_exposures_mask_the_users_own_in_batch_negatives(shard_dir):
     a positive is never masked."""
     from trainer.data import load_tables
     from trainer.prepare import prepare_data
+    from trainer.sampling import ExclusionSet
     from trainer.streaming import StreamingBatches, prepare_streamed
 
     cfg, cfg_mem = _config(shard_dir), _config(shard_dir, stream=False)
     streamed = prepare_streamed(cfg)
     memory = prepare_data(cfg_mem, load_tables(cfg_mem.data))
-    num_items = len(memory.item_counts)
+    num_users, num_items = len(memory.encoded.user_index), len(memory.item_counts)
     eu, ei = memory.encoded.rows(memory.splits.exposed)
-    np.testing.assert_array_equal(streamed.exposed_keys, np.unique(eu * num_items + ei))
+    exposed = set((eu * num_items + ei).tolist())
     train_rows = int((memory.tables.interactions["timestamp"] <= streamed.boundary).sum())
     assert train_rows == 8354   # 4,185 clicks and 4,169 distinct exposures
-    assert len(streamed.exposed_keys) == len(memory.splits.exposed) == 8354 - 4185
-    exposed = set(streamed.exposed_keys.tolist())
+    assert len(exposed) == len(memory.splits.exposed) == 8354 - 4185
+    every_pair = np.arange(num_users)[:, None], np.arange(num_items)[None, :]
+    held = streamed.exposures.contains(*every_pair).numpy()
+    assert set(np.flatnonzero(held.ravel()).tolist()) == exposed
+    # beyond the dense table's size: the same set as sorted keys
+    sparse = ExclusionSet.from_keys(np.array(sorted(exposed)), num_items, dense_limit=0)
+    np.testing.assert_array_equal(sparse.contains(*every_pair).numpy(), held)
     a, e = int(eu[0]), int(ei[0])               # user a was shown item e, no click
     cu, ci = memory.train_rows()
     x = int(ci[cu == a][0])                     # a's clicked item

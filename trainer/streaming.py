@@ -115,16 +115,16 @@ class StreamedData(PreparedData):
     ``item_counts`` [users] / [items]: training clicks per row;
     ``known_rows``: (user rows, item rows) of the test users' training
     clicks (excluded from their rankings); ``boundary``: training rows have
-    ``timestamp <= boundary``; ``exposed_keys``: the training split's
-    exposed-not-clicked pairs as sorted distinct int64 keys user row *
-    num_items + item row (8 bytes each: never the user's in-batch negatives).
+    ``timestamp <= boundary``; ``exposures``: the training split's
+    exposed-not-clicked (user row, item row) pairs, never the user's in-batch
+    negatives (an ``ExclusionSet``, 8 bytes a pair; None without exposures).
     """
 
     shards: ShardSet = None
     boundary: float = 0.0
     user_counts: np.ndarray = None
     known_rows: tuple = ()
-    exposed_keys: np.ndarray = None
+    exposures: Optional[S.ExclusionSet] = None
     shuffle_buffer: int = 100_000
 
     @property
@@ -200,7 +200,8 @@ def prepare_streamed(config: RunConfig) -> StreamedData:
     return StreamedData(tables, splits, encoded, item_counts, NegativesPlan(),
                         shards=shards, boundary=boundary, user_counts=user_counts,
                         known_rows=(np.concatenate(known_u), np.concatenate(known_i)),
-                        exposed_keys=exposed,
+                        exposures=S.ExclusionSet.from_keys(exposed, num_items)
+                        if len(exposed) else None,
                         shuffle_buffer=config.data.shuffle_buffer)
 
 
@@ -231,7 +232,7 @@ class StreamingBatches(TrainingBatches):
     Same batch dict (``query``, ``candidate``, ``item_prob``, ``item_row``,
     ``user_row`` and, when the training split has exposures, ``score_mask``)
     from the same code: the mask is ``TrainingBatches.score_mask`` over the
-    exposures the counting pass collected (``StreamedData.exposed_keys``),
+    exposures the counting pass collected (``StreamedData.exposures``),
     so a user's exposed-not-clicked items are never its in-batch negatives.
     """
 
@@ -243,9 +244,7 @@ class StreamingBatches(TrainingBatches):
         self.item_prob = S.effective_item_probability(counts, self.keep)
         self.catalog = S.CatalogSampler(counts, config.sampling.negatives.alpha)
         self.exclusion = self.ranking_log = None   # per-query / extras: refused
-        keys = prepared.exposed_keys
-        self.exposures = (S.ExclusionSet.from_keys(keys, len(counts))
-                          if keys is not None and len(keys) else None)
+        self.exposures = prepared.exposures
         self.history = self.labelled = None
         self.cycle_length = cycle_length
         self._rows = _Rows(prepared.encoded)
