@@ -192,10 +192,10 @@ def test_streamed_exposures_mask_the_users_own_in_batch_negatives(shard_dir):
     """The counting pass collects the in-memory path's exposures exactly; a
     user's exposed-not-clicked item is masked for that user's query only, and
     a positive is never masked."""
-    from trainer.data import load_tables
+    from trainer.data import DataError, load_tables
     from trainer.prepare import prepare_data
     from trainer.sampling import ExclusionSet
-    from trainer.streaming import StreamingBatches, prepare_streamed
+    from trainer.streaming import StreamingBatches, _check_keys_fit, prepare_streamed
 
     cfg, cfg_mem = _config(shard_dir), _config(shard_dir, stream=False)
     streamed = prepare_streamed(cfg)
@@ -223,6 +223,9 @@ def test_streamed_exposures_mask_the_users_own_in_batch_negatives(shard_dir):
     np.testing.assert_array_equal(mask, [[True, True, False],    # e: a's exposure
                                          [True, True, True],     # not b's
                                          [True, True, True]])    # a's positive e
+    with pytest.raises(DataError, match="shards: 4,294,967,296 users x 2,147,483,648 "
+                                        "items do not fit the int64"):
+        _check_keys_fit(2 ** 32, 2 ** 31, "shards")
 
 
 def _apart(u, i, a, x, e, num_items, exposed):
