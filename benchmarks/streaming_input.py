@@ -2,6 +2,7 @@
 
     flock /work/heavy.lock nice -n 10 python benchmarks/streaming_input.py \
         [--users 100000] [--clicks-per-user 200] [--small-users 10000] [--work /tmp/...]
+        [--exposures-per-user 0] [--small-only]
 
 1. ``python -m trainer.shards generate``: the large synthetic world
    (``users x clicks_per_user`` clicks, >= 20M by default) as Parquet shards,
@@ -9,7 +10,10 @@
 2. one epoch of ``python -m trainer`` on it, streamed (``data: {kind:
    shards}``);
 3. a small world (``small_users``) that the in-memory path holds: one epoch
-   in memory (``stream: false``) and one streamed, side by side.
+   in memory (``stream: false``) and one streamed, side by side
+   (``--small-only``: this step alone). ``--exposures-per-user`` adds
+   exposed-not-clicked rows, which both paths mask out of the users' own
+   in-batch negatives.
 
 Each training is a child process; its peak RSS is the kernel's
 ``ru_maxrss`` of that child (``os.wait4``), so it covers the whole run:
@@ -73,11 +77,13 @@ def _child(args: list[str], log: Path) -> tuple[float, int]:
     return time.perf_counter() - started, usage.ru_maxrss * 1024   # KiB on Linux
 
 
-def generate(out: Path, users: int, clicks: int, items: int, log: Path) -> dict:
+def generate(out: Path, users: int, clicks: int, items: int, exposures: int,
+             log: Path) -> dict:
     seconds, rss = _child(["-m", "trainer.shards", "generate", "--out", str(out),
                            "--users", str(users), "--items", str(items),
-                           "--clicks-per-user", str(clicks), "--rows-per-shard", "1000000"],
-                          log)
+                           "--clicks-per-user", str(clicks),
+                           "--exposures-per-user", str(exposures),
+                           "--rows-per-shard", "1000000"], log)
     manifest = json.loads((out / "manifest.json").read_text())
     rows = manifest["tables"]["interactions"]["rows"]
     size = sum(s["bytes"] for s in manifest["tables"]["interactions"]["shards"])
@@ -109,6 +115,10 @@ def main(argv=None) -> int:
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--small-users", type=int, default=10_000,
                    help="the world both paths train on, side by side")
+    p.add_argument("--exposures-per-user", type=int, default=0,
+                   help="exposed-not-clicked rows per user (masked in-batch negatives)")
+    p.add_argument("--small-only", action="store_true",
+                   help="only the small world's two runs (no large world)")
     p.add_argument("--work", type=Path, default=None,
                    help="where the shards go (default: a new folder under /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the shards")
@@ -119,16 +129,17 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = {"generated": {}, "runs": []}
     try:
-        for label, users in (("large", args.users), ("small", args.small_users)):
+        worlds = (("large", args.users), ("small", args.small_users))
+        for label, users in worlds[args.small_only:]:
             gen = generate(work / label, users, args.clicks_per_user, args.items,
-                           work / f"generate-{label}.log")
+                           args.exposures_per_user, work / f"generate-{label}.log")
             results["generated"][label] = gen
             print(f"{label}: {gen['rows']:,} interactions in {gen['files']} files "
                   f"({gen['bytes'] / 2**20:.0f} MiB) generated in {gen['seconds']:.0f} s, "
                   f"peak RSS {gen['rss'] / 2**30:.2f} GiB", flush=True)
-        for name, label, stream in (("streamed-large", "large", True),
-                                    ("in-memory-small", "small", False),
-                                    ("streamed-small", "small", True)):
+        runs = (("streamed-large", "large", True), ("in-memory-small", "small", False),
+                ("streamed-small", "small", True))
+        for name, label, stream in runs[args.small_only:]:
             run = train(name, work / label, stream, work)
             results["runs"].append(run)
             print(f"{name}: {run['clicks']:,} clicks, peak RSS {run['rss'] / 2**30:.2f} GiB, "

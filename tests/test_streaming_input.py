@@ -176,13 +176,62 @@ def test_streamed_batches_hold_the_in_memory_features(shard_dir):
     memory = TrainingBatches(prepare_data(cfg_mem, load_tables(cfg_mem.data)), cfg_mem)
     memory._hold_tables(3)
     same = memory._batch(batch["user_row"], batch["item_row"], np.int64(0))
-    assert set(batch) == {"query", "candidate", "item_prob", "item_row", "user_row"}
-    assert set(same) - set(batch) == {"score_mask"}   # exposures mask: in memory only
+    assert set(batch) == set(same) == {"query", "candidate", "item_prob", "item_row",
+                                       "user_row", "score_mask"}
+    mask = batch["score_mask"].numpy()
+    np.testing.assert_array_equal(mask, same["score_mask"].numpy())
+    assert mask.shape == (64, 64) and not mask.all()   # some exposures are masked
     for side in ("query", "candidate"):
         assert set(batch[side]) == set(same[side])
         for name in batch[side]:
             np.testing.assert_array_equal(batch[side][name].numpy(), same[side][name].numpy())
     np.testing.assert_array_equal(batch["item_prob"].numpy(), same["item_prob"].numpy())
+
+
+def test_streamed_exposures_mask_the_users_own_in_batch_negatives(shard_dir):
+    """The counting pass collects the in-memory path's exposures exactly; a
+    user's exposed-not-clicked item is masked for that user's query only, and
+    a positive is never masked."""
+    from trainer.data import DataError, load_tables
+    from trainer.prepare import prepare_data
+    from trainer.sampling import ExclusionSet
+    from trainer.streaming import StreamingBatches, _check_keys_fit, prepare_streamed
+
+    cfg, cfg_mem = _config(shard_dir), _config(shard_dir, stream=False)
+    streamed = prepare_streamed(cfg)
+    memory = prepare_data(cfg_mem, load_tables(cfg_mem.data))
+    num_users, num_items = len(memory.encoded.user_index), len(memory.item_counts)
+    eu, ei = memory.encoded.rows(memory.splits.exposed)
+    exposed = set((eu * num_items + ei).tolist())
+    train_rows = int((memory.tables.interactions["timestamp"] <= streamed.boundary).sum())
+    assert train_rows == 8354   # 4,185 clicks and 4,169 distinct exposures
+    assert len(exposed) == len(memory.splits.exposed) == 8354 - 4185
+    every_pair = np.arange(num_users)[:, None], np.arange(num_items)[None, :]
+    held = streamed.exposures.contains(*every_pair).numpy()
+    assert set(np.flatnonzero(held.ravel()).tolist()) == exposed
+    # beyond the dense table's size: the same set as sorted keys
+    sparse = ExclusionSet.from_keys(np.array(sorted(exposed)), num_items, dense_limit=0)
+    np.testing.assert_array_equal(sparse.contains(*every_pair).numpy(), held)
+    a, e = int(eu[0]), int(ei[0])               # user a was shown item e, no click
+    cu, ci = memory.train_rows()
+    x = int(ci[cu == a][0])                     # a's clicked item
+    b, y = next((int(u), int(i)) for u, i in zip(cu, ci)
+                if u != a and _apart(u, i, a, x, e, num_items, exposed))
+    batches = StreamingBatches(streamed, cfg)
+    users, items = np.array([a, b, a]), np.array([x, y, e])
+    mask = batches.score_mask(users, items).numpy()
+    np.testing.assert_array_equal(mask, [[True, True, False],    # e: a's exposure
+                                         [True, True, True],     # not b's
+                                         [True, True, True]])    # a's positive e
+    with pytest.raises(DataError, match="shards: 4,294,967,296 users x 2,147,483,648 "
+                                        "items do not fit the int64"):
+        _check_keys_fit(2 ** 32, 2 ** 31, "shards")
+
+
+def _apart(u, i, a, x, e, num_items, exposed):
+    """User u with positive i has no exposure pair with user a's items x, e
+    (and a none with i)."""
+    return not {a * num_items + i, u * num_items + x, u * num_items + e} & exposed
 
 
 def test_each_file_goes_to_exactly_one_worker(shard_dir):

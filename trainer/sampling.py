@@ -113,8 +113,19 @@ class ExclusionSet:
     def __init__(self, user_rows: np.ndarray, item_rows: np.ndarray, num_items: int,
                  dense_limit: int = 1 << 25):
         keys = np.asarray(user_rows, np.int64) * num_items + np.asarray(item_rows, np.int64)
+        self._hold(np.unique(keys), num_items, dense_limit)
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray, num_items: int, dense_limit: int = 1 << 25
+                  ) -> "ExclusionSet":
+        """The set of sorted, distinct int64 ``keys`` (user * num_items + item),
+        as a streamed pass collects them (trainer.streaming)."""
+        self = cls.__new__(cls)
+        self._hold(np.asarray(keys, np.int64), num_items, dense_limit)
+        return self
+
+    def _hold(self, keys: np.ndarray, num_items: int, dense_limit: int) -> None:
         self.num_items = num_items
-        keys = np.unique(keys)
         size = int(keys.max()) + 1 if len(keys) else 1
         self._dense = size <= dense_limit
         if self._dense:

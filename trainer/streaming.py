@@ -6,7 +6,9 @@ only per-entity counts, and ``StreamingBatches`` streams them through
 tf.data for every epoch. What is held in memory: the users and items tables
 (their feature columns feed the towers, as in the in-memory path), one
 float per user and item, the test slice and the training clicks of the
-test users (evaluation, docs/DISTRIBUTED.md).
+test users (evaluation), and the training split's exposed-not-clicked
+(user, item) pairs, 8 bytes each, that mask the in-batch negatives
+(docs/DISTRIBUTED.md).
 
 The streamed pass gives exactly what the in-memory path computes from its
 tables (tests/test_streaming_input.py checks it): the temporal split's
@@ -85,13 +87,22 @@ class _Rows:
         return u.astype(np.int64), i.astype(np.int64)
 
 
-def train_clicks(path: Path, boundary: float) -> Iterator[tuple[int, pd.DataFrame]]:
-    """(row offset of the block in the file, its clicked training rows) of one shard."""
+def train_blocks(path: Path, boundary: float
+                 ) -> Iterator[tuple[int, pd.DataFrame, pd.DataFrame]]:
+    """(row offset of the block in the file, its clicked training rows, its
+    exposed-not-clicked training rows) of one shard, a block at a time."""
     offset = 0
     for frame in iter_frames(path, _CLICK_COLUMNS):
-        keep = (frame["clicked"].to_numpy() == 1) & (frame["timestamp"].to_numpy() <= boundary)
-        yield offset, frame[keep]
+        train = frame["timestamp"].to_numpy() <= boundary
+        clicked = frame["clicked"].to_numpy()
+        yield offset, frame[train & (clicked == 1)], frame[train & (clicked == 0)]
         offset += len(frame)
+
+
+def train_clicks(path: Path, boundary: float) -> Iterator[tuple[int, pd.DataFrame]]:
+    """(row offset of the block in the file, its clicked training rows) of one shard."""
+    for offset, clicks, _ in train_blocks(path, boundary):
+        yield offset, clicks
 
 
 @dataclass(frozen=True)
@@ -104,13 +115,16 @@ class StreamedData(PreparedData):
     ``item_counts`` [users] / [items]: training clicks per row;
     ``known_rows``: (user rows, item rows) of the test users' training
     clicks (excluded from their rankings); ``boundary``: training rows have
-    ``timestamp <= boundary``.
+    ``timestamp <= boundary``; ``exposures``: the training split's
+    exposed-not-clicked (user row, item row) pairs, never the user's in-batch
+    negatives (an ``ExclusionSet``, 8 bytes a pair; None without exposures).
     """
 
     shards: ShardSet = None
     boundary: float = 0.0
     user_counts: np.ndarray = None
     known_rows: tuple = ()
+    exposures: Optional[S.ExclusionSet] = None
     shuffle_buffer: int = 100_000
 
     @property
@@ -160,15 +174,23 @@ def prepare_streamed(config: RunConfig) -> StreamedData:
     item_counts = np.zeros(len(encoded.item_index))
     is_test_user = np.zeros(len(encoded.user_index), bool)
     is_test_user[encoded.rows(test)[0]] = True
+    num_items = len(item_counts)
+    _check_keys_fit(len(user_counts), num_items, config.data.path)
     known_u, known_i = [], []
+    exposed = np.zeros(0, np.int64)
     for path in files:
-        for offset, frame in train_clicks(path, boundary):
-            u, i = rows(frame, path, offset)
+        file_exposed = []
+        for offset, clicks, shown in train_blocks(path, boundary):
+            u, i = rows(clicks, path, offset)
             user_counts += np.bincount(u, minlength=len(user_counts))
-            item_counts += np.bincount(i, minlength=len(item_counts))
+            item_counts += np.bincount(i, minlength=num_items)
             mine = is_test_user[u]
             known_u.append(u[mine])
             known_i.append(i[mine])
+            eu, ei = rows(shown, path, offset)
+            file_exposed.append(np.unique(eu * num_items + ei))
+        if file_exposed:   # distinct per file, then merged: memory ~ the distinct pairs
+            exposed = np.union1d(exposed, np.concatenate(file_exposed))
     if not len(test) or not item_counts.sum():
         raise ValueError(f"temporal split with test_days={config.evaluation.test_days} "
                          f"leaves an empty train or test set ({config.data.path})")
@@ -178,7 +200,16 @@ def prepare_streamed(config: RunConfig) -> StreamedData:
     return StreamedData(tables, splits, encoded, item_counts, NegativesPlan(),
                         shards=shards, boundary=boundary, user_counts=user_counts,
                         known_rows=(np.concatenate(known_u), np.concatenate(known_i)),
+                        exposures=S.ExclusionSet.from_keys(exposed, num_items)
+                        if len(exposed) else None,
                         shuffle_buffer=config.data.shuffle_buffer)
+
+
+def _check_keys_fit(num_users: int, num_items: int, where) -> None:
+    """Exposure keys are user * num_items + item in int64: refuse what overflows."""
+    if num_users * num_items >= 2 ** 63:
+        raise DataError(f"{where}: {num_users:,} users x {num_items:,} items do not fit "
+                        "the int64 (user, item) keys of the exposures mask")
 
 
 def _test_clicks(path: Path, boundary: float, rows: _Rows) -> pd.DataFrame:
@@ -199,10 +230,10 @@ class StreamingBatches(TrainingBatches):
     streamed from the shard files instead of held in memory.
 
     Same batch dict (``query``, ``candidate``, ``item_prob``, ``item_row``,
-    ``user_row``) from the same feature gathers; no ``score_mask``: masking a
-    user's exposed-not-clicked items needs every (user, item) pair of the
-    data in memory, so streamed in-batch negatives are only cleared of
-    accidental hits (``objective.remove_accidental_hits``).
+    ``user_row`` and, when the training split has exposures, ``score_mask``)
+    from the same code: the mask is ``TrainingBatches.score_mask`` over the
+    exposures the counting pass collected (``StreamedData.exposures``),
+    so a user's exposed-not-clicked items are never its in-batch negatives.
     """
 
     def __init__(self, prepared: StreamedData, config: RunConfig, cycle_length: int = 4):
@@ -212,7 +243,8 @@ class StreamingBatches(TrainingBatches):
         self.keep = np.ones(len(counts), np.float32)
         self.item_prob = S.effective_item_probability(counts, self.keep)
         self.catalog = S.CatalogSampler(counts, config.sampling.negatives.alpha)
-        self.exclusion = self.exposures = self.ranking_log = None
+        self.exclusion = self.ranking_log = None   # per-query / extras: refused
+        self.exposures = prepared.exposures
         self.history = self.labelled = None
         self.cycle_length = cycle_length
         self._rows = _Rows(prepared.encoded)
