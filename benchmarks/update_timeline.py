@@ -276,8 +276,15 @@ def report(rows, walls, args, seconds):
         exported = sum("export" in v for v in values)
         lines.append(f"| {kind} | {len(values)} ({exported}) | "
                      + " | ".join(f"{mean[k]:.2f}" for k in steps) + " |")
-    lines.append(f"\n{args.days} days, {args.per_day} incremental updates a day, scale "
-                 f"{args.scale}, worlds {args.worlds}; whole benchmark {seconds:.0f} s "
+    ran = []
+    if "drifting" in args.worlds:
+        ran.append(f"drifting: {args.days} days, {args.per_day} incremental updates a day, "
+                   f"scale {args.scale}")
+    if "ml100k" in args.worlds and args.ml100k:
+        per_week = args.per_day if args.ml100k_per_week is None else args.ml100k_per_week
+        weeks = f"the first {args.ml100k_weeks}" if args.ml100k_weeks else "all"
+        ran.append(f"ml100k: {weeks} weeks, {per_week} incremental updates a week")
+    lines.append(f"\n{'; '.join(ran)}; whole benchmark {seconds:.0f} s "
                  "(export / publish: the exported updates only)")
     text = "\n".join(lines)
     print(text)
