@@ -100,9 +100,13 @@ def train_blocks(path: Path, boundary: float
 
 
 def train_clicks(path: Path, boundary: float) -> Iterator[tuple[int, pd.DataFrame]]:
-    """(row offset of the block in the file, its clicked training rows) of one shard."""
-    for offset, clicks, _ in train_blocks(path, boundary):
-        yield offset, clicks
+    """(row offset of the block in the file, its clicked training rows) of one
+    shard: what every epoch streams, so the exposures are not sliced out too."""
+    offset = 0
+    for frame in iter_frames(path, _CLICK_COLUMNS):
+        keep = (frame["timestamp"].to_numpy() <= boundary) & (frame["clicked"].to_numpy() == 1)
+        yield offset, frame[keep]
+        offset += len(frame)
 
 
 @dataclass(frozen=True)
