@@ -26,11 +26,20 @@ SCANN = dict(num_leaves=4, num_leaves_to_search=4, num_reordering_candidates=100
 
 
 def _options(until, **kw):
+    """An update's options. Every item of this 112-item world moves in an
+    incremental window (inserted + updated + deleted reach 102 % of the
+    previous catalog), so the refresh is allowed to change all of it here."""
     from export.scann_tuning import ScannParams
     from updates.publish import PublishOptions
     from updates.update import UpdateOptions
     return UpdateOptions(until=until, publish=PublishOptions(
-        k=20, progress=False, scann_params=ScannParams(**SCANN)), **kw)
+        k=20, progress=False, scann_params=ScannParams(**SCANN), max_changed_fraction=10.0),
+        **kw)
+
+
+def _metadata(version_dir):
+    from export.metadata import read_metadata
+    return read_metadata(version_dir)
 
 
 def _request(model, inputs):
@@ -88,6 +97,14 @@ def test_updates_are_served_without_restart_or_failures(tmp_path, tmp_path_facto
                              what=f"{m} version {v} AVAILABLE")
                 wait_for(lambda: answers[-1] == v, what=f"answers from version {v}")
             assert [r.version for r in results] == [1, 2, 3]
+            # the full update rebuilt the index; each incremental one refreshed the served one
+            assert results[0].index == "index built and tuned from scratch"
+            for r in results[1:]:
+                assert r.index.startswith(f"index refreshed from version {r.version - 1}:"), \
+                    r.index
+                meta = _metadata(base / "retrieval" / str(r.version))
+                assert meta["update"]["kind"] == "incremental"
+                assert meta["update"]["inserted"] > 0       # the window's new items
 
             # a worse candidate (a learning rate that wrecks the towers) is refused
             wreck = tmp_path / "wreck.yaml"

@@ -64,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-k", "--k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--recall-target", type=float, default=0.95,
                    help="ScaNN recall@k against exact (default 0.95)")
+    p.add_argument("--rebuild-index", action="store_true",
+                   help="incremental: build and tune the ScaNN index from scratch instead of "
+                        "refreshing the served version's (a full update always rebuilds)")
+    p.add_argument("--max-changed-fraction", type=float, default=0.1,
+                   help="incremental: when (inserted + updated + deleted items) / the "
+                        "served catalog exceeds this, the index is rebuilt instead of "
+                        "refreshed (default 0.1)")
     p.add_argument("--native-check", action="store_true",
                    help="also load every version with the C++ SavedModel loader")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.kind == "init" and args.config is None:
         p.error("init needs --config (the run config to train, e.g. configs/synthetic.yaml)")
+    if args.max_changed_fraction <= 0.0:
+        p.error(f"--max-changed-fraction must be positive, got {args.max_changed_fraction}")
     if args.epochs < 1 or args.min_count < 1:
         p.error("--epochs and --min-count must be at least 1")
     return args
@@ -102,9 +111,11 @@ def main(argv=None) -> int:
             window_seconds=args.window, epochs=args.epochs, holdout=args.holdout,
             gate_k=args.gate_k, gate_margin=args.gate_margin, min_count=args.min_count,
             expire_days=args.expire_days, verbose=0 if args.quiet else 2,
+            rebuild_index=args.rebuild_index,
             publish=PublishOptions(
                 k=args.k, recall_target=args.recall_target, native_check=args.native_check,
                 progress=not args.quiet, keep=args.keep,
+                max_changed_fraction=args.max_changed_fraction,
                 serving_num_versions=serving_num_versions(args.model_config_file)))
         if args.kind == "init":
             from updates.init import start_lineage
@@ -125,6 +136,7 @@ def main(argv=None) -> int:
     print(f"{args.kind} update {result.run.name}: published version {result.version} "
           f"into {args.models}")
     print(f"  {result.gate.describe()}")
+    print(f"  {result.index}")
     print("  vocabulary: " + "; ".join(f"{f} +{v['admitted']} -{v['expired']} ({v['rows']} rows)"
                                        for f, v in result.vocabulary.items()))
     print("  seconds: " + ", ".join(f"{k} {v}" for k, v in result.seconds.items()))

@@ -1,7 +1,11 @@
 """Publish a run as the next served version, repair a cut publish, prune.
 
-``publish_run`` is the one place an update calls export (the incremental
-ScaNN refresh of issue 14 plugs in here through its ``incremental_from``).
+``publish_run`` is the one place an update calls export. With
+``refresh_index`` (incremental updates) it refreshes the served version's
+ScaNN index (export.incremental: only the items whose vectors can have
+moved are re-embedded and upserted, the partitioning and codebooks are
+kept), and export falls back to a full build, reported in the metadata,
+when too much changed or the refreshed index misses the recall target.
 Export stages and checks every model and renames them into place one by
 one; a kill between those renames would leave the version in some models
 only. So the version number is chosen here and written to an intent file
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from export.exporter import ALL_MODELS, ExportOptions, ExportResult, export_run
+from export.incremental import IncrementalOptions, export_incremental
 from export.scann_tuning import ScannParams
 from export.versioning import existing_versions, export_lock, is_complete, next_version
 
@@ -36,6 +41,8 @@ class PublishOptions:
     keep: Optional[int] = None        # versions to keep per model (None: all)
     serving_num_versions: int = 1     # what a server's latest { num_versions } may serve
     scann_params: Optional[ScannParams] = None   # fixed index settings: skip tuning
+    refresh_index: bool = False       # refresh the served ScaNN index instead of rebuilding
+    max_changed_fraction: float = 0.1  # of the catalog; above it the refresh rebuilds
 
 
 def repair_cut_publish(model_base: Path) -> Optional[int]:
@@ -68,12 +75,29 @@ def publish_run(run_dir: Path, model_base: Path, options: PublishOptions) -> Exp
         version = max(version, int(json.loads(skipped.read_text())["version"]) + 1)
     intent = model_base / INTENT_FILE
     intent.write_text(json.dumps({"version": version, "run": str(run_dir)}))
-    result = export_run(run_dir, model_base, ExportOptions(
+    export_options = ExportOptions(
         k=options.k, recall_target=options.recall_target, version=version,
         native_check=options.native_check, progress=options.progress,
-        scann_params=options.scann_params))
+        scann_params=options.scann_params)
+    if options.refresh_index:
+        result = export_incremental(run_dir, model_base, export_options, IncrementalOptions(
+            "auto", max_changed_fraction=options.max_changed_fraction))
+    else:
+        result = export_run(run_dir, model_base, export_options)
     intent.unlink()
     return result
+
+
+def describe_index(result: ExportResult) -> str:
+    """How the published retrieval index was made, from its metadata."""
+    update = result.metadata.get("retrieval", {}).get("update")
+    if not update:
+        return "index built and tuned from scratch"
+    if update["kind"] == "incremental":
+        return (f"index refreshed from version {update['base_version']}: "
+                f"{update['re_embedded']} re-embedded, {update['inserted']} inserted, "
+                f"{update['updated']} updated, {update['deleted']} deleted")
+    return f"index rebuilt instead of refreshed: {update['fallback_reason']}"
 
 
 def prune(model_base: Path, keep: int, serving_num_versions: int = 1) -> list[Path]:

@@ -4,7 +4,9 @@
     ─▶ window of new data ─▶ id vocabularies grown (vocabulary) ─▶ fit one
     epoch: every weight (full) or only the id tables (incremental)
     ─▶ gate on the window's newest slice vs the served version (gate)
-    ─▶ run committed ─▶ next served version (publish) ─▶ pruned
+    ─▶ run committed ─▶ next served version (publish: a full update rebuilds
+    and re-tunes the ScaNN index, an incremental one refreshes the served
+    index) ─▶ pruned
 
 A killed update leaves a staging run directory (removed by the next one)
 and, at worst, a cut publish (repaired by the next one); the served version
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -38,7 +40,8 @@ from updates.lineage import (PUBLISHED_FILE, UPDATE_FILE, latest_run, next_run_d
                              read_update, update_lock, write_json_atomic)
 from updates.model_state import (freeze_all_but_ids, id_encoders, restore_model,
                                  set_vocabularies, unfreeze)
-from updates.publish import PublishOptions, prune, publish_run, repair_cut_publish
+from updates.publish import (PublishOptions, describe_index, prune, publish_run,
+                             repair_cut_publish)
 from updates.vocabulary import IdStats, plan_vocabulary
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class UpdateOptions:
     min_count: int = 1
     expire_days: Optional[float] = None
     publish: PublishOptions = field(default_factory=PublishOptions)
+    rebuild_index: bool = False           # incremental: rebuild the index instead of refreshing
     verbose: int = 0
     tables: Optional[object] = None       # the whole data, already loaded (benchmarks)
 
@@ -83,6 +87,7 @@ class UpdateResult:
     gate: gates.GateResult
     seconds: dict                         # prepare / train / gate / save / export / publish
     vocabulary: dict                      # feature -> {"admitted", "expired", "reused", "rows"}
+    index: str = ""                       # how the retrieval index was made (describe_index)
 
 
 def _config(parent: Path, options: UpdateOptions) -> RunConfig:
@@ -276,7 +281,8 @@ def _run_update(kind, runs_dir, model_base, options) -> UpdateResult:
     run_dirs.commit(out)
 
     started = time.perf_counter()
-    result = publish_run(out, model_base, options.publish)
+    refresh = kind == "incremental" and not options.rebuild_index
+    result = publish_run(out, model_base, replace(options.publish, refresh_index=refresh))
     seconds["export"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
     write_json_atomic(out / PUBLISHED_FILE, {"version": result.version,
@@ -284,4 +290,5 @@ def _run_update(kind, runs_dir, model_base, options) -> UpdateResult:
     if options.publish.keep is not None:
         prune(model_base, options.publish.keep, options.publish.serving_num_versions)
     seconds["publish"] = round(time.perf_counter() - started, 2)
-    return UpdateResult(out, result.version, gate, seconds, candidate.vocabulary)
+    return UpdateResult(out, result.version, gate, seconds, candidate.vocabulary,
+                        describe_index(result))
