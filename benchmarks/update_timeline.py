@@ -92,96 +92,133 @@ def update_times(schedule, start, period, periods, warmup, per_day):
     return out
 
 
+def _log(t0: float, msg: str) -> None:
+    print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+
+
+def _logq(schedule: str) -> str:
+    return "streaming" if schedule.endswith("streaming") else "static"
+
+
+def train_initial(config_path, world, key, until, period, path: Path, t0):
+    """The model every schedule of one logQ kind starts from: trained on [.., until)."""
+    c = load_config(config_path)
+    if key == "streaming":
+        c.objective.logq = "streaming"
+    c.data.since, c.data.until = None, until
+    c.evaluation.protocol, c.evaluation.test_days = "temporal", period / 86400 * 0.1
+    t = time.perf_counter()
+    train(c, path, tables=cut_window(world, None, until), verbose=0)
+    _log(t0, f"initial ({key} logQ) trained in {time.perf_counter() - t:.0f} s")
+    return path.parent
+
+
 def replay(name, config_path, world, start, period, periods, warmup, per_day,
-           export_periods, schedules, work: Path, log):
-    from updates.model_state import restore_model
-    from updates.publish import PublishOptions
-    from updates.update import GateRefused, UpdateOptions, run_update, train_candidate
+           export_periods, schedules, work: Path, t0, workers: int):
+    """(rows, walls) of every schedule; schedules run side by side in
+    ``workers`` processes (each replays one schedule at a time, in order)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    keys = sorted({_logq(s) for s in schedules})
+    until = start + warmup * period
+    # the longest schedules first, so that the short ones fill the gaps
+    order = sorted(schedules, key=lambda s: -len(update_times(s, start, period, periods,
+                                                              warmup, per_day)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        initial = dict(zip(keys, pool.map(
+            train_initial, [config_path] * len(keys), [world] * len(keys), keys,
+            [until] * len(keys), [period] * len(keys),
+            [work / f"initial-{k}" / "runs" / "initial" for k in keys], [t0] * len(keys))))
+        futures = {s: pool.submit(replay_schedule, name, s, config_path, world, start, period,
+                                  periods, warmup, per_day, export_periods,
+                                  initial[_logq(s)], work, t0) for s in order}
+        results = {s: f.result() for s, f in futures.items()}
+    rows, walls = [], defaultdict(list)
+    for s in schedules:
+        row, w = results[s]
+        rows.append(row)
+        for kind, values in w.items():
+            walls[kind] += values
+    return rows, walls
+
+
+def replay_schedule(name, schedule, config_path, world, start, period, periods, warmup,
+                    per_day, export_periods, initial: Path, work: Path, t0):
+    """One schedule's (row, walls): its updates in time order, each served model
+    scored on the clicks until the next one is published."""
     from trainer import run_dir as run_dirs
     from trainer.batches import TrainingBatches
     from trainer.prepare import prepare_data
-    from updates.lineage import PUBLISHED_FILE, write_json_atomic
+    from updates.lineage import PUBLISHED_FILE, latest_run, write_json_atomic
+    from updates.model_state import restore_model
+    from updates.publish import PublishOptions
+    from updates.update import GateRefused, UpdateOptions, run_update, train_candidate
 
     config = load_config(config_path)
     specs = (config.features.user, config.features.item)
     end = start + periods * period
-    initial = {}
-    rows, walls = [], defaultdict(list)
-    for schedule in schedules:
-        streaming = schedule.endswith("streaming")
-        base_cfg = config.model_copy(deep=True)
-        if streaming:
-            base_cfg.objective.logq = "streaming"
-        key = "streaming" if streaming else "static"
-        if key not in initial:
-            c = base_cfg.model_copy(deep=True)
-            c.data.since, c.data.until = None, start + warmup * period
-            c.evaluation.protocol, c.evaluation.test_days = "temporal", period / 86400 * 0.1
-            t = time.perf_counter()
-            path = work / f"initial-{key}" / "runs" / "initial"
-            train(c, path, tables=cut_window(world, None, c.data.until), verbose=0)
-            initial[key] = path.parent
-            log(f"{name}: initial ({key} logQ) trained in {time.perf_counter() - t:.0f} s")
-        runs = work / schedule.replace(" ", "_") / "runs"
-        shutil.copytree(initial[key], runs)
-        models = work / schedule.replace(" ", "_") / "models"
-        c = load_config(runs / "initial" / "config.yaml")
-        prepared = prepare_data(c, cut_window(world, None, start + warmup * period))
-        model = restore_model(runs / "initial", next(iter(
-            TrainingBatches(prepared, c).dataset(c.training.batch_size, 0))))
-        events = update_times(schedule, start, period, periods, warmup, per_day)
-        served_from = start + warmup * period
-        per_period = defaultdict(lambda: np.zeros(3))
-        for (t, kind) in events + [(end, None)]:
-            # score the model served over [served_from, t), split by period
-            a = served_from
-            while a < t:
-                p = (a - start) // period
-                b = min(t, start + (p + 1) * period)
-                per_period[p] += score_span(model, world, specs, a, b)
-                a = b
-            if kind is None:
-                break
-            exported = (schedule == "full+inc" and t >= end - export_periods * period)
-            # a full update trains on the last period (a week for ML-100K, not the
-            # CLI's default day); an incremental one on everything since its parent
-            options = UpdateOptions(until=t, window_seconds=period if kind == "full" else None,
-                                    tables=world, verbose=0,
-                                    publish=PublishOptions(k=100, progress=False))
-            started = time.perf_counter()
-            try:
-                if exported:
-                    result = run_update(kind, runs, models, options)
-                    seconds = result.seconds
-                    model = None
-                else:
-                    cand = train_candidate(kind, runs, models, options)
-                    run_dirs.commit(cand.out)
-                    write_json_atomic(cand.out / PUBLISHED_FILE, {"exported": False})
-                    seconds, model = cand.seconds, cand.model
-                if schedule == "full+inc":
-                    walls[kind].append(seconds)
-            except GateRefused as err:
-                log(f"{name} {schedule} {kind} at {t}: {err}")
-                continue
-            if model is None:   # exported: score the model it trained (same weights)
-                from updates.lineage import latest_run
-                run = latest_run(runs)
-                cc = load_config(run / "config.yaml")
-                prep = prepare_data(cc, cut_window(world, cc.data.since, cc.data.until))
-                model = restore_model(run, next(iter(
-                    TrainingBatches(prep, cc).dataset(cc.training.batch_size, 0))))
-            served_from = t
-            log(f"{name} {schedule}: {kind} update until {t} in "
-                f"{time.perf_counter() - started:.1f} s")
-        hr = {p: (v[0] / v[2], v[1] / v[2]) for p, v in sorted(per_period.items()) if v[2]}
-        rows.append({"world": name, "schedule": schedule, "per_period": hr,
-                     "hr10": float(np.mean([h[0] for h in hr.values()])),
-                     "hr100": float(np.mean([h[1] for h in hr.values()])),
-                     "last10": hr[max(hr)][0], "last100": hr[max(hr)][1],
-                     "updates": len(events)})
-        log(f"{name} {schedule}: " + json.dumps(rows[-1], default=str))
-    return rows, walls
+    walls = defaultdict(list)
+    runs = work / schedule.replace(" ", "_") / "runs"
+    shutil.copytree(initial, runs)
+    models = work / schedule.replace(" ", "_") / "models"
+    c = load_config(runs / "initial" / "config.yaml")
+    prepared = prepare_data(c, cut_window(world, None, start + warmup * period))
+    model = restore_model(runs / "initial", next(iter(
+        TrainingBatches(prepared, c).dataset(c.training.batch_size, 0))))
+    events = update_times(schedule, start, period, periods, warmup, per_day)
+    served_from = start + warmup * period
+    per_period = defaultdict(lambda: np.zeros(3))
+    for (t, kind) in events + [(end, None)]:
+        # score the model served over [served_from, t), split by period
+        a = served_from
+        while a < t:
+            p = (a - start) // period
+            b = min(t, start + (p + 1) * period)
+            per_period[p] += score_span(model, world, specs, a, b)
+            a = b
+        if kind is None:
+            break
+        exported = (schedule == "full+inc" and t >= end - export_periods * period)
+        # a full update trains on the last period (a week for ML-100K, not the
+        # CLI's default day); an incremental one on everything since its parent.
+        # Runs that are never exported skip their tower SavedModels.
+        options = UpdateOptions(until=t, window_seconds=period if kind == "full" else None,
+                                tables=world, verbose=0, servable=exported,
+                                publish=PublishOptions(k=100, progress=False))
+        started = time.perf_counter()
+        try:
+            if exported:
+                result = run_update(kind, runs, models, options)
+                seconds = dict(result.seconds, index=result.index)
+                model = None
+            else:
+                cand = train_candidate(kind, runs, models, options)
+                run_dirs.commit(cand.out)
+                write_json_atomic(cand.out / PUBLISHED_FILE, {"exported": False})
+                seconds, model = cand.seconds, cand.model
+            if schedule == "full+inc":
+                walls[kind].append(seconds)
+        except GateRefused as err:
+            _log(t0, f"{name} {schedule} {kind} at {t}: {err}")
+            continue
+        if model is None:   # exported: score the model it trained (same weights)
+            run = latest_run(runs)
+            cc = load_config(run / "config.yaml")
+            prep = prepare_data(cc, cut_window(world, cc.data.since, cc.data.until))
+            model = restore_model(run, next(iter(
+                TrainingBatches(prep, cc).dataset(cc.training.batch_size, 0))))
+        served_from = t
+        _log(t0, f"{name} {schedule}: {kind} update until {t} in "
+             f"{time.perf_counter() - started:.1f} s"
+             + (f" ({seconds['index']})" if "index" in seconds else ""))
+    hr = {p: (v[0] / v[2], v[1] / v[2]) for p, v in sorted(per_period.items()) if v[2]}
+    row = {"world": name, "schedule": schedule, "per_period": hr,
+           "hr10": float(np.mean([h[0] for h in hr.values()])),
+           "hr100": float(np.mean([h[1] for h in hr.values()])),
+           "last10": hr[max(hr)][0], "last100": hr[max(hr)][1], "updates": len(events)}
+    _log(t0, f"{name} {schedule}: " + json.dumps(row, default=str))
+    return row, dict(walls)
 
 
 def main(argv=None):
@@ -199,32 +236,32 @@ def main(argv=None):
                    help="incremental updates per ML-100K week (default: --per-day)")
     p.add_argument("--export-periods", type=int, default=1,
                    help="last periods of full+inc that also export and publish")
+    p.add_argument("--workers", type=int, default=3,
+                   help="processes replaying schedules side by side (default 3: the three "
+                        "long schedules at once; on 2 cores their Python-bound steps "
+                        "interleave)")
     p.add_argument("--output", type=Path, default=REPO / "docs" / "update_timeline")
     args = p.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     schedules = ["stale", "full", "full+inc", "inc-only", "full+inc streaming"]
-    started = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
-
+    t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="timeline-"))
     rows, walls = [], defaultdict(list)
     worlds = {w.strip() for w in args.worlds.split(",") if w.strip()}
     try:
         if "drifting" in worlds:
-            r, w = replay_drifting(args, schedules, work, log)
+            r, w = replay_drifting(args, schedules, work, t0)
             rows += r
             for k, v in w.items():
                 walls[k] += v
         if "ml100k" in worlds and args.ml100k and Path(args.ml100k).is_dir():
-            rows += replay_ml100k(args, schedules, work, log)
+            rows += replay_ml100k(args, schedules, work, t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(rows, walls, args, time.perf_counter() - started)
+    report(rows, walls, args, time.time() - t0)
 
 
-def replay_drifting(args, schedules, work, log):
+def replay_drifting(args, schedules, work, t0):
     """configs/drifting.yaml over ``--days`` (x ``--scale``), periods = days."""
     from trainer.data.drifting import START
 
@@ -239,10 +276,11 @@ def replay_drifting(args, schedules, work, log):
     config.data.since = config.data.until = None
     cfg_path.write_text(dump_config(config))
     return replay("drifting", cfg_path, load_tables(config.data), START, 86400, args.days, 1,
-                  args.per_day, args.export_periods, schedules, work / "drifting", log)
+                  args.per_day, args.export_periods, schedules, work / "drifting", t0,
+                  args.workers)
 
 
-def replay_ml100k(args, schedules, work, log):
+def replay_ml100k(args, schedules, work, t0):
     """MovieLens 100K by weeks; the first third of the weeks (at least 2) train
     the initial model. Nothing exported (the wall times are the drifting world's)."""
     cfg = load_config(REPO / "configs" / "ml100k.yaml")
@@ -257,7 +295,7 @@ def replay_ml100k(args, schedules, work, log):
     ml_path.write_text(dump_config(cfg))
     per_week = args.per_day if args.ml100k_per_week is None else args.ml100k_per_week
     rows, _ = replay("ml100k", ml_path, ml, start, week, weeks, max(2, weeks // 3), per_week,
-                     0, schedules, work / "ml100k", log)
+                     0, schedules, work / "ml100k", t0, args.workers)
     return rows
 
 

@@ -26,9 +26,9 @@ SCANN = dict(num_leaves=4, num_leaves_to_search=4, num_reordering_candidates=100
 
 
 def _options(until, **kw):
-    """An update's options. Every item of this 112-item world moves in an
-    incremental window (inserted + updated + deleted reach 102 % of the
-    previous catalog), so the refresh is allowed to change all of it here."""
+    """An update's options. Most items of this ~110-item world are clicked,
+    added or aged out in any incremental window, so the index refresh is
+    allowed to change all of it here (not the 10 % default)."""
     from export.scann_tuning import ScannParams
     from updates.publish import PublishOptions
     from updates.update import UpdateOptions

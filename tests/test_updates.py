@@ -109,6 +109,18 @@ def test_incremental_update_trains_only_the_id_tables(runs, tmp_path):
             assert not np.array_equal(after[k][:old.shape[0]], old)   # trained
         else:
             np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    # lazy sparse updates: an id row moves only when its id was in a training batch
+    # (Adam's momentum would move every row the initial run trained)
+    config = json.loads((cand.staging / "model" / "config.json").read_text())
+    clicked = pd.read_parquet(cand.staging / "seen.parquet")
+    for side, feature in (("query_tower", "user_id"), ("candidate_tower", "item_id")):
+        encoder = config[side]["encoders"][feature]["config"]
+        row = {t: i + encoder["num_oov_buckets"] for i, t in enumerate(encoder["terms"])}
+        key = next(k for k in ids if f"/encoders/{feature}/" in k)
+        old = before[key]
+        moved = np.flatnonzero((after[key][:len(old)] != old).any(axis=1))
+        assert set(moved) == {row[t] for t in clicked[feature].astype(str)
+                              if row[t] < len(old)}, feature
     update = json.loads((cand.staging / "update.json").read_text())
     assert update["kind"] == "incremental"
     assert update["parent"] == str((runs / "initial").resolve())
@@ -116,8 +128,10 @@ def test_incremental_update_trains_only_the_id_tables(runs, tmp_path):
     assert update["window"] == {"since": trained_until, "until": DAY2 + 43200,
                                 "text": update["window"]["text"]}
     assert update["vocabulary"]["user_id"]["admitted"] > 0
-    # the model state it saved restores to what it trained, config trainable again
-    config = json.loads((cand.staging / "model" / "config.json").read_text())
+    # the model state it saved restores to what it trained, config trainable again,
+    # with the configured optimizer (LazyAdam only for the update's own training)
+    assert json.loads((cand.staging / "model" / "optimizer.json").read_text())[
+        "class_name"] == "Adam"
     assert all(e["config"]["trainable"] for e in
                config["query_tower"]["encoders"].values())
 

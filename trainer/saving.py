@@ -101,10 +101,13 @@ def write_seen(path: Path, clicks) -> None:
 
 
 def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos,
-                       metrics: dict, history: dict) -> None:
-    """``train_pos``: the training clicks, a DataFrame or an iterable of them."""
-    save_tower(model.query_tower, out / "towers" / "query")
-    save_tower(model.candidate_tower, out / "towers" / "candidate")
+                       metrics: dict, history: dict, towers: bool = True) -> None:
+    """``train_pos``: the training clicks, a DataFrame or an iterable of them.
+    ``towers=False`` leaves out the tower SavedModels (half the save), for runs
+    that are only ever restored by a model update, never exported (replays)."""
+    if towers:
+        save_tower(model.query_tower, out / "towers" / "query")
+        save_tower(model.candidate_tower, out / "towers" / "candidate")
     save_model_state(out, model)
     dim = model.candidate_tower.embedding_dim
     (out / "feature_spec.json").write_text(json.dumps(feature_spec(config, dim), indent=2))

@@ -17,12 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.model import TwoTowerModel
+from trainer.optimizers import LazyAdam
 from trainer.saving import MODEL_STATE
 from trainer.towers import Tower
 
 # optimizer class name -> its slot lists (tf-keras optimizers, one slot per variable)
-_SLOTS = {"Adam": ("_momentums", "_velocities"), "Adagrad": ("_accumulators",),
-          "SGD": ("momentums",)}
+_SLOTS = {"Adam": ("_momentums", "_velocities"), "LazyAdam": ("_momentums", "_velocities"),
+          "Adagrad": ("_accumulators",), "SGD": ("momentums",)}
 ID_FEATURES = {"query": "user_id", "candidate": "item_id"}
 
 
@@ -108,6 +109,35 @@ def set_vocabularies(model: TwoTowerModel, changes: dict) -> None:
             value[:src.shape[0]][kept] = src.numpy()[kept]
             dst.assign(value)
     model.compile(optimizer=new_opt)
+
+
+def switch_optimizer(model: TwoTowerModel, cls: type) -> type:
+    """Give ``model`` an optimizer of class ``cls`` with the same config, slots
+    and iteration count (Adam <-> trainer.optimizers.LazyAdam, which share
+    both); returns the previous class. Call it with every weight trainable."""
+    old = model.optimizer
+    if type(old) is cls:
+        return cls
+    new = cls.from_config(old.get_config())
+    variables = model.trainable_variables
+    new.build(variables)
+    new.iterations.assign(old.iterations)
+    for var in variables:
+        for name in slot_lists(old):
+            _slot(new, name, var).assign(_slot(old, name, var))
+    model.compile(optimizer=new)
+    return type(old)
+
+
+def lazy_sparse_updates(model: TwoTowerModel) -> type:
+    """Before an incremental update: an Adam optimizer becomes LazyAdam, so an
+    id row moves only when its id is in a batch (Adam's momentum would move
+    every row ever trained, and with it every item's served vector). Adagrad
+    and plain SGD already update sparse gradients row by row. Returns the
+    class to ``switch_optimizer`` back to."""
+    if type(model.optimizer) is tf.keras.optimizers.Adam:
+        return switch_optimizer(model, LazyAdam)
+    return type(model.optimizer)
 
 
 def freeze_all_but_ids(model: TwoTowerModel) -> list[tf.keras.layers.Layer]:

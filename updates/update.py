@@ -2,7 +2,8 @@
 
     latest published run (lineage) ─▶ its model + optimizer (model_state)
     ─▶ window of new data ─▶ id vocabularies grown (vocabulary) ─▶ fit one
-    epoch: every weight (full) or only the id tables (incremental)
+    epoch: every weight (full) or only the id tables, each row moved only
+    when its id is in a batch (incremental)
     ─▶ gate on the window's newest slice vs the served version (gate)
     ─▶ run committed ─▶ next served version (publish: a full update rebuilds
     and re-tunes the ScaNN index, an incremental one refreshes the served
@@ -38,8 +39,8 @@ from trainer.train import evaluate_model, fit, run_metrics
 from updates import gate as gates
 from updates.lineage import (PUBLISHED_FILE, UPDATE_FILE, latest_run, next_run_dir,
                              read_update, update_lock, write_json_atomic)
-from updates.model_state import (freeze_all_but_ids, id_encoders, restore_model,
-                                 set_vocabularies, unfreeze)
+from updates.model_state import (freeze_all_but_ids, id_encoders, lazy_sparse_updates,
+                                 restore_model, set_vocabularies, switch_optimizer, unfreeze)
 from updates.publish import (PublishOptions, describe_index, prune, publish_run,
                              repair_cut_publish)
 from updates.vocabulary import IdStats, plan_vocabulary
@@ -78,6 +79,9 @@ class UpdateOptions:
     rebuild_index: bool = False           # incremental: rebuild the index instead of refreshing
     verbose: int = 0
     tables: Optional[object] = None       # the whole data, already loaded (benchmarks)
+    # False: the run keeps its model state but no tower SavedModels, so it can be
+    # updated but never exported (replays that score it in memory); run_update exports
+    servable: bool = True
 
 
 @dataclass
@@ -224,11 +228,14 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     sample = next(iter(TrainingBatches(prepared, config).dataset(tc.batch_size, tc.seed)))
     model = restore_model(parent, sample)
     stats, vocabulary = _grow(model, parent, prepared, options, since, until)
+    optimizer_class = lazy_sparse_updates(model) if kind == "incremental" else None
     frozen = freeze_all_but_ids(model) if kind == "incremental" else []
     seconds = {"prepare": round(time.perf_counter() - started, 2)}   # window, restore, grow
     fitted = fit(model, prepared, config, staging, options.verbose)
     seconds["train"] = round(fitted.train_seconds, 2)
     unfreeze(model, frozen)
+    if optimizer_class is not None:
+        switch_optimizer(model, optimizer_class)   # the run saves its configured optimizer
 
     started = time.perf_counter()
     evaluation = evaluate_model(model, prepared, config.evaluation.ks)
@@ -245,7 +252,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     started = time.perf_counter()
     metrics = run_metrics(config, prepared, fitted, evaluation)
     save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
-                       metrics, fitted.history)
+                       metrics, fitted.history, towers=options.servable)
     stats.save(staging)
     test_ts = prepared.splits.test["timestamp"]
     write_json_atomic(staging / UPDATE_FILE, {
@@ -268,6 +275,8 @@ def run_update(kind: Kind, runs_dir: Path, model_base: Path,
 
 
 def _run_update(kind, runs_dir, model_base, options) -> UpdateResult:
+    if not options.servable:
+        raise ValueError("run_update publishes its run: UpdateOptions.servable must be True")
     skip = repair_cut_publish(Path(model_base))
     if skip is not None:
         log.warning("removed version %d, left half-published by a killed update", skip)
