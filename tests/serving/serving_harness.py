@@ -116,14 +116,16 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(args, log_path):
-    """A started Server for the block; it must exit cleanly (code 0) afterwards."""
+    """A started Server for the block; it must exit cleanly (code 0) afterwards.
+    It is stopped however the block ends (a failed assertion must not leave
+    a server running after the test run)."""
     srv = Server(args, log_path)
     try:
         srv.wait_ready()
-    except Exception:
+        yield srv
+    except BaseException:
         srv.terminate()
         raise
-    yield srv
     rc = srv.terminate()
     assert rc == 0, f"server exit code {rc}:\n{srv.log()}"
 
