@@ -2,7 +2,7 @@
 window that follows it (issue 13 item 8). Not a test.
 
     python benchmarks/update_timeline.py [--days 14] [--per-day 4] [--ml100k DIR]
-        [--worlds drifting,ml100k] [--ml100k-weeks N] [--ml100k-per-week N]
+        [--worlds drifting,ml100k] [--ml100k-weeks N] [--ml100k-per-week N] [--workers 3]
 
 World: configs/drifting.yaml (periods = days) and, with --ml100k, MovieLens
 100K by weeks (periods = weeks). The initial model trains on the first
@@ -20,12 +20,12 @@ alive in that span): HR@10 / HR@100 per period. Updates go through
 updates.update.train_candidate (restore, grow, train, gate); the last
 ``--export-periods`` periods of full+inc also export and publish for real,
 which gives the wall times per update kind split into prepare / train /
-gate / save / export / publish. The other updates are committed without an export (marked
-``"exported": false`` in published.json): the scores use the same in-memory
-towers that export would embed. Measured: 14 days at 2 a day of the
-default world took 1271 s on 2 cores (about 8 s an update in process, most
-of it the update's own fixed cost: restore, tracing, saving the run), so 4 a
-day is about 35 min (docs/UPDATES.md).
+gate / save / export / publish. The other updates are committed without an
+export (marked ``"exported": false`` in published.json, and without tower
+SavedModels: ``UpdateOptions.servable``); the scores use the same in-memory
+towers that export would embed. Schedules run side by side in ``--workers``
+processes (the three long ones at once by default), each replaying its
+updates in time order; measured figures are in docs/UPDATES.md.
 """
 from __future__ import annotations
 
