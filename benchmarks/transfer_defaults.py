@@ -1,7 +1,8 @@
 """Benchmark: which candidate defaults win on the validation split of every data set.
 
 Each candidate (benchmarks/default_candidates.yaml: parameters of the default
-tuning space) is applied to each base config and fitted on its validation
+tuning space, and optionally ``override``: a partial config, path from the
+repository root, merged over the base config first) is applied to each base config and fitted on its validation
 split (the tuner's rule: 10 % of the training clicks under the random
 protocols, the last ``test_days`` days before the test days under
 ``temporal``), once per training seed; the test split is never scored in this
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from trainer.config import load_config  # noqa: E402
+from trainer.config import deep_merge, load_config  # noqa: E402
 from trainer.data import load_tables  # noqa: E402
 from trainer.tune import refit_config, trial_config  # noqa: E402
 from trainer.tuning_space import default_space  # noqa: E402
@@ -49,22 +50,28 @@ from trainer.tuning_space import default_space  # noqa: E402
 METRICS = ("val_hr@10", "val_hr@100")
 
 
-def candidate_raw(base, params: dict, seed: int) -> tuple[dict, dict]:
-    """(the base config as a dict at training seed ``seed``, its default tuning space)."""
+def candidate_raw(base, candidate: dict, seed: int) -> tuple[dict, dict, dict]:
+    """(the base config as a dict at training seed ``seed`` with the candidate's
+    ``override`` file merged in, its default tuning space, the candidate's
+    tuning-space parameters)."""
+    params = dict(candidate)
     raw = base.model_dump(mode="json")
+    if "override" in params:
+        over = yaml.safe_load((ROOT / params.pop("override")).read_text(encoding="utf-8"))
+        raw = deep_merge(raw, over)
     raw["tuning"] = None
     raw["training"]["seed"] = seed
-    return raw, default_space(raw)
+    return raw, default_space(raw), params
 
 
-def validate(base, params: dict, seed: int, tables, scratch: Path) -> dict:
+def validate(base, candidate: dict, seed: int, tables, scratch: Path) -> dict:
     """Fit on the validation split (test split untouched): final-epoch val HR@K."""
     import tensorflow as tf
 
     from trainer.prepare import prepare_data
     from trainer.train import build_model, fit
 
-    raw, space = candidate_raw(base, params, seed)
+    raw, space, params = candidate_raw(base, candidate, seed)
     config = trial_config(raw, space, params, "val_hr@100")
     tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(seed)
@@ -79,11 +86,11 @@ def validate(base, params: dict, seed: int, tables, scratch: Path) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def test(base, params: dict, seed: int, tables, out: Path) -> dict:
+def test(base, candidate: dict, seed: int, tables, out: Path) -> dict:
     """Train on train + validation and score the test split once."""
     from trainer.train import train
 
-    raw, space = candidate_raw(base, params, seed)
+    raw, space, params = candidate_raw(base, candidate, seed)
     config = refit_config(trial_config(raw, space, params, "val_hr@100").model_dump(mode="json"),
                           None, "candidate")
     started = time.perf_counter()
