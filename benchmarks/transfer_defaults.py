@@ -159,7 +159,8 @@ def report(results: dict, candidates: dict, datasets: list[str]) -> str:
             refs = {"most popular": first["popularity"]}
             if isinstance(first["ease"], dict) and "l2" in first["ease"]:
                 refs[f"EASE (L2 = {first['ease']['l2']:g})"] = first["ease"]
-            for row, m in list(refs.items()) + [(n, r["model"]) for n, r in rows.items()]:
+            mine = [(n, r["model"]) for n, r in rows.items() if n in candidates]
+            for row, m in list(refs.items()) + mine:
                 lines_ = [m["hr@10"], m["hr@50"], m["hr@100"], m["ndcg@10"], m["coverage@100"]]
                 out.append(f"| {d} | {row} | " + " | ".join(f"{v:.3f}" for v in lines_) + " |")
     return "\n".join(out) + "\n"
