@@ -88,7 +88,7 @@ def validate(base, candidate: dict, seed: int, tables, scratch: Path) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def test(base, candidate: dict, seed: int, tables, out: Path) -> dict:
+def score_test(base, candidate: dict, seed: int, tables, out: Path) -> dict:
     """Train on train + validation and score the test split once."""
     from trainer.train import train
 
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
             for name in dict.fromkeys(names):
                 if name in results.setdefault("test", {}).setdefault(d, {}):
                     continue
-                row = test(base, candidates[name], base.training.seed, tables,
+                row = score_test(base, candidates[name], base.training.seed, tables,
                            scratch / f"test-{d}-{name}")
                 results["test"][d][name] = row
                 save()
