@@ -160,7 +160,7 @@ def report(results: dict, candidates: dict, datasets: list[str]) -> str:
         out += ["Test split (scored once, after the selection above):", "",
                 "| data set | row | HR@10 | HR@50 | HR@100 | NDCG@10 | coverage@100 |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for d, rows in results["test"].items():
+        for d, rows in ((d, r) for d, r in results["test"].items() if d in datasets):
             first = next(iter(rows.values()))
             refs = {"most popular": first["popularity"]}
             if isinstance(first["ease"], dict) and "l2" in first["ease"]:
