@@ -12,6 +12,10 @@ def test_example_configs_validate():
     root = Path(__file__).resolve().parent.parent / "configs"
     for path in sorted(root.glob("*.yaml")):
         load_config(path)
+    ml100k = sorted((root / "variants" / "ml100k").glob("*.yaml"))
+    assert len(ml100k) >= 4
+    names = {load_config(root / "ml100k.yaml", [v]).name for v in ml100k}
+    assert names == {f"ml100k_{v.stem}" for v in ml100k}
 
 
 def test_bad_field_is_named(tmp_path):
