@@ -32,6 +32,7 @@ from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_inde
 from export.verify import (FULL_CHECKS, ExportCheckError, RetrievalChecks, SessionModel,
                            check_close, check_exact_retrieval, check_saved_arrays, recall,
                            run_with_session)
+from export.tower_reuse import link_tower, reusable_version, source_digest
 from export.versioning import StagedVersion, export_lock, next_version
 from export.warmup import write_warmup_requests
 
@@ -97,6 +98,9 @@ class _Context:
     seconds: dict = field(default_factory=dict)  # embed_catalog / tune wall times
     truth: dict = field(default_factory=dict)  # k -> exact top-k rows of query_emb (cached)
     exact_lists: Optional[ExactLists] = None  # query_emb's exact best items, kept with retrieval
+    # tower model name -> the published version to hard-link when the run's tower is
+    # provably the same (export.tower_reuse; an incremental export's base version)
+    reuse_towers: dict = field(default_factory=dict)
 
 
 def export_run(run_dir: str | Path, model_base: str | Path,
@@ -186,16 +190,20 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
         tower, sig, inputs = ((run.query_tower, run.query_signature, ctx.user_inputs)
                               if side == "query" else
                               (run.candidate_tower, run.candidate_signature, ctx.item_inputs))
-        module, signatures = tower_module(tower, sig)
         started = time.perf_counter()
-        tf.saved_model.save(module, str(out), signatures=signatures, options=SAVE_OPTIONS)
+        digest = source_digest(run.path / "towers" / side, run.spec[side])
+        linked = _link_unchanged_tower(ctx.reuse_towers.get(name), digest, out)
+        if linked is None:
+            module, signatures = tower_module(tower, sig)
+            tf.saved_model.save(module, str(out), signatures=signatures, options=SAVE_OPTIONS)
         saved = time.perf_counter()
-        probe = _head(inputs, 64)
+        probe = _head(inputs, 64)  # linked or saved, served through the session loader
         got = run_with_session(out, probe)["embedding"]
         check_close(name, got, run.embed(side, probe))
         write_warmup_requests(out, name, [("serving_default", _head(inputs, 1)),
                                           ("serving_default", _head(inputs, 8))])
         return {"signatures": {"serving_default": "raw features -> embedding"},
+                "source_digest": digest, "linked_from_version": linked,
                 **_step_seconds(started, saved)}
 
     exact = name == "retrieval_exact"
@@ -256,6 +264,19 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
         "serving_default": "raw user features -> item_ids [None, k], scores [None, k]",
         "retrieve_excluding": f"... + {SEEN_INPUT} [None, None] (pad with \"\")"}
     return meta
+
+
+def _link_unchanged_tower(previous: Optional[Path], digest: str, out: Path) -> Optional[int]:
+    """Hard-link ``previous`` (a published version of this tower) into ``out`` when
+    it was made from the same source (export.tower_reuse); its version, or None
+    when the tower must be saved."""
+    if previous is None or reusable_version(previous, digest) is None:
+        return None
+    try:
+        link_tower(previous, out)
+    except OSError:
+        return None
+    return int(previous.name)
 
 
 def _step_seconds(started: float, saved: float) -> dict:

@@ -152,6 +152,8 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
 
     ctx = _context(run, options, items=items, fingerprints=fingerprints,
                    catalog=(refreshed.state.item_ids, refreshed.state.vectors))
+    ctx.reuse_towers = {name: model_base / name / str(base)
+                        for name in ("query_tower", "candidate_tower")}
     ctx.exact_lists, truth = _carried_truth(base_dir, ctx, plan,
                                             min(options.k, len(ctx.catalog_ids)))
     detail.lap("context")
