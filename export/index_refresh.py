@@ -34,6 +34,7 @@ from scann.scann_ops.py import scann_ops, scann_ops_pybind
 from scann.scann_ops.py.scann_ops_pybind_backcompat import populate_and_save_assets_proto
 
 from export.scann_tuning import ScannParams
+from export.serving_models import as_tensor
 from export.verify import checkpoint_keys
 
 # ScannState's tensors, in tensors_to_scann's argument order after `dataset`;
@@ -157,27 +158,75 @@ def _read_searcher_files(path: Path, previous: dict[str, np.ndarray]) -> dict[st
 
 def _check_rows(old: IndexState, new: IndexState, deleted: set, upsert_ids: list,
                 upsert_vectors: np.ndarray) -> None:
-    """Every item of the refreshed index holds its expected vector, at its row."""
-    ids, old_ids = pd.Index(new.item_ids), pd.Index(old.item_ids)
-    gone = pd.Index(sorted(deleted), dtype=object)
+    """Every item of the refreshed index holds its expected vector, at its row:
+    the old items less ``deleted``, each once, with its old vector unless it was
+    upserted, and every upserted item with its new vector; nothing else.
+
+    ScaNN keeps most rows where they were (a delete moves the last row into the
+    freed one, an insert appends), so the rows whose id did not move are checked
+    with whole-array comparisons and only the others are looked up: at 1M items
+    one hash table of the old ids instead of one per lookup direction.
+    """
+    ids, old_ids = new.item_ids, old.item_ids
+    n, n_old = len(ids), len(old_ids)
+    old_index = pd.Index(old_ids)   # get_indexer below refuses duplicate old ids
     upserted = pd.Index(upsert_ids, dtype=object)
-    kept = (gone.get_indexer(old_ids) < 0) & (upserted.get_indexer(old_ids) < 0)
-    expected_count = int(kept.sum()) + upserted.nunique()
-    old_row = old_ids.get_indexer(ids)
-    new_row = upserted.get_indexer(ids)
-    stale = (new_row < 0) & (gone.get_indexer(ids) >= 0)
-    if (not ids.is_unique or len(ids) != expected_count or ((old_row < 0) & (new_row < 0)).any()
-            or stale.any() or len(new.vectors) != len(ids)
-            or len(new.tensors["datapoint_to_token"]) != len(ids)):
+    upsert_old_row = old_index.get_indexer(upserted)
+    deleted_old_row = old_index.get_indexer(pd.Index(sorted(deleted), dtype=object))
+    if not upserted.is_unique or (deleted_old_row < 0).any() or deleted & set(upsert_ids):
+        raise IndexStateError("ScaNN refresh: an item upserted twice, or deleted although "
+                              "not in the index or also upserted")
+    expected_count = n_old - len(deleted) + int((upsert_old_row < 0).sum())
+
+    # each new row's source: a row of old.vectors (< n_old), n_old + a row of
+    # upsert_vectors, or -1 for an item that should not be there
+    stays = np.zeros(n, bool)
+    stays[:min(n, n_old)] = ids[:n_old] == old_ids[:n]
+    upsert_at = np.full(max(n, n_old), -1)
+    upsert_at[upsert_old_row[upsert_old_row >= 0]] = np.flatnonzero(upsert_old_row >= 0)
+    at_upserted = stays & (upsert_at[:n] >= 0)
+    source = np.where(stays, np.arange(n), -1)
+    source[at_upserted] = n_old + upsert_at[:n][at_upserted]
+    moved = np.flatnonzero(~stays)
+    moved_ids = pd.Index(ids[moved], dtype=object)
+    from_upsert, from_old = upserted.get_indexer(moved_ids), old_index.get_indexer(moved_ids)
+    source[moved] = np.where(from_upsert >= 0, n_old + from_upsert, from_old)
+    is_deleted = np.zeros(n_old + len(upsert_ids) + 1, bool)  # [-1]: False
+    is_deleted[deleted_old_row] = True
+    # an old item that moved must not also have stayed at its old row
+    also_stayed = (from_old >= 0) & (from_old < n) & stays[np.clip(from_old, 0, max(0, n - 1))]
+    if (n != expected_count or (source < 0).any() or is_deleted[source].any()
+            or not moved_ids.is_unique or also_stayed.any()
+            or len(new.vectors) != n or len(new.tensors["datapoint_to_token"]) != n):
         raise IndexStateError("ScaNN refresh: the refreshed index does not hold exactly the "
                               "expected items")
-    expected = np.where((new_row >= 0)[:, None], upsert_vectors[np.maximum(new_row, 0)]
-                        if len(upsert_ids) else 0.0, old.vectors[np.maximum(old_row, 0)])
-    wrong = (expected != new.vectors).any(axis=1)
+    # (unique, all expected, as many as expected: exactly the expected items)
+    wrong = np.zeros(n, bool)
+    shared = min(n, n_old)
+    wrong[:shared] = _rows_differ(new.vectors[:shared], old.vectors[:shared])
+    rest = np.flatnonzero(~stays | at_upserted)   # rows not expected to hold their old vector
+    if len(rest):
+        src = source[rest]
+        fresh = src >= n_old
+        want = np.empty((len(rest), new.vectors.shape[1]), new.vectors.dtype)
+        want[~fresh] = old.vectors[src[~fresh]]
+        want[fresh] = upsert_vectors[src[fresh] - n_old]
+        wrong[rest] = _rows_differ(new.vectors[rest], want)
     if wrong.any():
         bad = int(np.flatnonzero(wrong)[0])
         raise IndexStateError(f"ScaNN refresh: row {bad} (item {ids[bad]}) does not hold "
                               "its expected vector")
+
+
+def _rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N] bool: row i of ``a`` and ``b`` (same shape and dtype) differ in some
+    byte (compared as integers: a NaN equals itself, -0.0 differs from 0.0)."""
+    if not len(a):
+        return np.zeros(0, bool)
+    width = a.dtype.itemsize * int(np.prod(a.shape[1:]))
+    word = np.uint64 if width % 8 == 0 else np.uint8
+    a, b = (np.ascontiguousarray(x).reshape(len(x), -1).view(word) for x in (a, b))
+    return (a != b).any(axis=1)
 
 
 class _StateScaNN(tfrs.layers.factorized_top_k.ScaNN):
@@ -199,7 +248,7 @@ class _GivenState:
         self.tensors = tensors
 
     def serialize_to_module(self) -> scann_ops.ScannState:
-        return scann_ops.ScannState([tf.constant(self.tensors[f]) for f in STATE_FIELDS])
+        return scann_ops.ScannState([as_tensor(self.tensors[f]) for f in STATE_FIELDS])
 
 
 def searcher_from_tensors(tensors: dict[str, np.ndarray]) -> scann_ops.ScannSearcher:
@@ -225,4 +274,6 @@ def scann_layer_from_state(state: IndexState, k: int, params: ScannParams):
                         dimensions_per_block=params.dimensions_per_block,
                         training_iterations=params.training_iterations)
     n = len(state.item_ids)
-    return layer.index(tf.constant(state.vectors), tf.range(n, dtype=tf.int64))
+    # index() only checks the candidates' shape here (_StateScaNN keeps the given
+    # state): an empty [n, 0] tensor instead of a copy of the [n, d] dataset
+    return layer.index(tf.zeros([n, 0]), tf.range(n, dtype=tf.int64))
