@@ -63,19 +63,20 @@ def full_lists(query_emb: np.ndarray, catalog_ids: np.ndarray, catalog_emb: np.n
     m = min(m, len(catalog_ids))
     rows = exact_top_k(query_emb, catalog_emb, m)
     scores = np.einsum("qd,qmd->qm", query_emb, catalog_emb[rows])
-    return ExactLists(query_digest(query_emb), np.asarray(catalog_ids, dtype=str)[rows],
+    return ExactLists(query_digest(query_emb), np.asarray(catalog_ids)[rows].astype(str),
                       scores.astype(np.float32), scores[:, -1].copy())
 
 
 def updated_lists(previous: ExactLists, query_emb: np.ndarray, catalog_ids: np.ndarray,
                   catalog_emb: np.ndarray, changed_ids: np.ndarray, k: int,
-                  seed: int = 0) -> Optional[ExactLists]:
+                  seed: int = 0, row_of: Optional[pd.Index] = None) -> Optional[ExactLists]:
     """The lists after ``changed_ids`` (re-embedded or deleted items) moved, or
-    None when the queries are not the ones the lists were made for."""
+    None when the queries are not the ones the lists were made for (``row_of``:
+    ``catalog_ids`` as a str Index, when the caller has one)."""
     if previous.digest != query_digest(query_emb):
         return None
     m = previous.ids.shape[1]
-    row_of = pd.Index(np.asarray(catalog_ids, dtype=str))
+    row_of = pd.Index(np.asarray(catalog_ids, dtype=str)) if row_of is None else row_of
     changed = pd.Index(np.asarray(changed_ids, dtype=str)).unique()
     keep = (changed.get_indexer(previous.ids.ravel()) < 0).reshape(previous.ids.shape)
     keep &= previous.ids != ""

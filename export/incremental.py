@@ -175,7 +175,8 @@ def _carried_truth(base_dir: Path, ctx, plan, k: int):
         return None, "brute force (the previous version stores no exact lists)"
     try:
         lists = updated_lists(previous, ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
-                              np.concatenate([plan.reembed, plan.deleted]), k)
+                              np.concatenate([plan.reembed, plan.deleted]), k,
+                              row_of=ctx.row_of)
     except TruthMismatch as err:
         return None, f"brute force ({err})"
     if lists is None:

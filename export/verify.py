@@ -99,21 +99,22 @@ def check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = 1e-5
 
 def check_exact_retrieval(item_ids: np.ndarray, scores: np.ndarray, query_emb: np.ndarray,
                           truth_rows: np.ndarray, catalog_ids: np.ndarray,
-                          catalog_emb: np.ndarray) -> None:
+                          catalog_emb: np.ndarray, row_of: Optional[pd.Index] = None) -> None:
     """Exact retrieval must return numpy's top-k scores, with ids that carry them.
 
-    ``truth_rows`` [Q, k]: numpy's exact top-k catalog rows for ``query_emb``.
+    ``truth_rows`` [Q, k]: numpy's exact top-k catalog rows for ``query_emb``;
+    ``row_of``: the catalog's ids as a str Index (built here when not given).
     Works per returned row, never materialising [Q, catalog] scores.
     """
     want = np.einsum("qd,qkd->qk", query_emb, catalog_emb[truth_rows])
     if not np.allclose(scores, want, atol=1e-4):
         raise ExportCheckError("retrieval_exact: scores differ from a numpy brute force "
                                f"(max abs diff {np.abs(scores - want).max():.2e})")
-    row_of = pd.Series(np.arange(len(catalog_ids)), index=pd.Index(catalog_ids.astype(str)))
-    rows = row_of.reindex(item_ids.astype(str).ravel()).to_numpy()
-    if np.isnan(rows).any():
+    row_of = pd.Index(catalog_ids.astype(str)) if row_of is None else row_of
+    rows = row_of.get_indexer(item_ids.astype(str).ravel())
+    if (rows < 0).any():
         raise ExportCheckError("retrieval_exact: returned ids that are not in the catalog")
-    rows = rows.astype(np.int64).reshape(item_ids.shape)
+    rows = rows.reshape(item_ids.shape)
     carried = np.einsum("qd,qkd->qk", query_emb, catalog_emb[rows])
     if not np.allclose(carried, scores, atol=1e-4):
         raise ExportCheckError("retrieval_exact: returned ids do not carry the returned "
