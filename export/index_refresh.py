@@ -7,9 +7,10 @@ partitioner (the k-means tree), datapoint -> leaf tokens, AH codebook, AH codes,
 int8 parts, the float dataset. The TF ops can only build or search a searcher,
 so the refresh goes through ScaNN's pybind searcher, which can mutate one:
 
-    checkpoint tensors ─▶ ScaNN's serialized-searcher files ─▶ scann_ops_pybind
-    load_searcher ─▶ delete / upsert (new points go to their nearest existing
-    leaf and are coded with the existing codebook) ─▶ serialize ─▶ tensors
+    checkpoint tensors ─▶ ScaNN's serialized-searcher files (on /dev/shm) ─▶
+    scann_pybind.ScannNumpy ─▶ delete / upsert (new points go to their nearest
+    existing leaf and are coded with the existing codebook; the row -> item id
+    list kept here as ScaNN's Python wrapper keeps it) ─▶ serialize ─▶ tensors
     ─▶ the TFRS ScaNN layer's ScannState variables, as they are (the served
     graph's tensors_to_scann builds the searcher from them when the model is
     loaded: the export's session check proves it accepts them).
@@ -20,7 +21,6 @@ conversion is file I/O, not re-encoding.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
-from scann.scann_ops.py import scann_ops, scann_ops_pybind
+from scann.scann_ops.py import scann_ops, scann_ops_pybind  # noqa: F401 (puts scann_pybind on the path)
 from scann.scann_ops.py.scann_ops_pybind_backcompat import populate_and_save_assets_proto
 
 from export.scann_tuning import ScannParams
@@ -117,18 +117,73 @@ def refresh(state: IndexState, delete_ids, upsert_ids, upsert_vectors: np.ndarra
         src.mkdir()
         dst.mkdir()
         _write_searcher_files(state, src)
-        searcher = scann_ops_pybind.load_searcher(str(src))
+        searcher = _load_searcher(src)
         before = searcher.get_health_stats()
-        if delete_ids:
-            searcher.delete(delete_ids)
+        ids = list(state.item_ids)
+        rows, moved = _delete_rows(ids, delete_ids)
+        if rows:
+            searcher.delete(rows)
         if upsert_ids:
-            searcher.upsert(upsert_ids, upsert_vectors, batch_size=upsert_batch)
+            searcher.upsert(_upsert_rows(ids, state.item_ids, set(delete_ids), moved,
+                                         upsert_ids), upsert_vectors, upsert_batch)
         after = searcher.get_health_stats()
-        searcher.serialize(str(dst))
+        searcher.serialize(str(dst), False)
         refreshed = IndexState(_read_searcher_files(dst, state.tensors),
-                               np.asarray(searcher.docids, dtype=object))
+                               np.asarray(ids, dtype=object))
     _check_rows(state, refreshed, set(delete_ids), upsert_ids, upsert_vectors)
     return RefreshResult(refreshed, before, after)
+
+
+def _load_searcher(path: Path):
+    """ScaNN's pybind searcher (``scann_pybind.ScannNumpy``) from serialized files,
+    without ScaNN's Python wrapper: the wrapper keeps the row -> id list in a
+    pickle and a 1M-entry dict (~1.2 s at 1M items); the rows are tracked here by
+    ``_delete_rows`` / ``_upsert_rows`` instead, as the wrapper does, and every
+    row is checked afterwards (``_check_rows``)."""
+    import scann_pybind  # on sys.path once scann_ops_pybind is imported
+
+    with open(path / "scann_assets.pbtxt") as f:
+        return scann_pybind.ScannNumpy(str(path), f.read())
+
+
+def _delete_rows(ids: list, delete_ids: list) -> tuple[list, dict]:
+    """The rows to hand ScaNN's ``delete`` for ``delete_ids`` (unique), with ``ids``
+    updated as ScaNN moves its rows (each deletion moves the last row into the
+    freed one, as ScannSearcher.delete in scann_ops_pybind tracks it); also
+    item -> row of every remaining item that moved."""
+    if len(set(delete_ids)) != len(delete_ids):
+        raise IndexStateError("ScaNN refresh: an item is deleted twice")
+    start = pd.Index(ids, dtype=object).get_indexer(delete_ids) if delete_ids else []
+    moved, rows = {}, []
+    for item, row in zip(delete_ids, start):
+        row = moved.pop(item, row)
+        if row < 0:
+            raise IndexStateError(f"ScaNN refresh: cannot delete {item!r}, not in the index")
+        rows.append(int(row))
+        last = len(ids) - 1
+        if row != last:
+            ids[row] = ids[last]
+            moved[ids[row]] = row
+        ids.pop()
+    return rows, moved
+
+
+def _upsert_rows(ids: list, original: np.ndarray, deleted: set, moved: dict,
+                 upsert_ids: list) -> list:
+    """The rows to hand ScaNN's ``upsert`` (None: a new item, appended in order),
+    with ``ids`` extended by the new items. ``ids`` is ``original`` after
+    ``_delete_rows``: an item is at its original row unless it moved or was
+    deleted (then it is inserted anew, as the wrapper does)."""
+    rows = pd.Index(original, dtype=object).get_indexer(upsert_ids)
+    out = []
+    for item, row in zip(upsert_ids, rows):
+        row = -1 if item in deleted else moved.get(item, row)
+        if row < 0:
+            out.append(None)
+            ids.append(item)
+        else:
+            out.append(int(row))
+    return out
 
 
 def _write_searcher_files(state: IndexState, out: Path) -> None:
@@ -139,8 +194,6 @@ def _write_searcher_files(state: IndexState, out: Path) -> None:
             (out / f"{field}.pb").write_bytes(value.reshape(-1)[0])
         elif value.ndim > 0:  # absent parts (int8 without int8 scoring) are empty scalars
             np.save(out / f"{field}.npy", value)
-    with open(out / "scann_docids.pkl", "wb") as f:
-        pickle.dump(list(state.item_ids), f)  # read back by scann_ops_pybind.load_searcher
     populate_and_save_assets_proto(str(out))
 
 

@@ -93,3 +93,46 @@ def test_rows_of_matches_a_dict_lookup_whatever_moved():
         want = {item: r for r, item in enumerate(table)}
         assert rows_of(ids, table).tolist() == [want.get(i, -1) for i in ids]
     assert rows_of(np.array([], dtype=object), table).tolist() == []
+
+
+class _RecordingSearcher:
+    """Stands in for the C++ searcher under ScaNN's own Python wrapper: records
+    the rows the wrapper hands it, so its bookkeeping can be compared with ours."""
+
+    def __init__(self):
+        self.calls = []
+
+    def delete(self, rows):
+        self.calls.append(("delete", list(rows)))
+
+    def upsert(self, rows, vectors, batch_size):
+        self.calls.append(("upsert", list(rows)))
+
+
+def test_row_bookkeeping_equals_scann_wrappers():
+    """Ours (export.index_refresh) and ScannSearcher's in scann_ops_pybind must
+    hand the searcher the same rows and end with the same row -> id list."""
+    import scann  # noqa: F401
+    from scann.scann_ops.py.scann_ops_pybind import ScannSearcher
+
+    from export.index_refresh import _delete_rows, _upsert_rows
+
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        original = np.array([f"x{i}" for i in range(40)], dtype=object)
+        deleted = list(rng.choice(original, rng.integers(0, 12), replace=False))
+        kept = [i for i in original if i not in deleted]
+        upserts = list(rng.choice(kept, rng.integers(0, 8), replace=False)) + [
+            f"n{i}" for i in range(rng.integers(0, 5))]
+        wrapper = ScannSearcher(_RecordingSearcher(), list(original))
+        if deleted:
+            wrapper.delete(list(deleted))
+        if upserts:
+            wrapper.upsert(upserts, np.zeros((len(upserts), D), np.float32))
+        ids = list(original)
+        rows, moved = _delete_rows(ids, deleted)
+        ours = [("delete", rows)] if rows else []
+        if upserts:
+            ours.append(("upsert", _upsert_rows(ids, original, set(deleted), moved, upserts)))
+        assert ours == wrapper.searcher.calls
+        assert ids == wrapper.docids
