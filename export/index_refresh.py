@@ -89,7 +89,7 @@ def read_index_state(version_dir: Path) -> IndexState:
 
     tensors = {f: value(f"index/_serialized_searcher/{f}") for f in STATE_FIELDS}
     rows = value("index/_identifiers")
-    ids = value("item_ids").astype(str).astype(object)
+    ids = np.array([b.decode() for b in value("item_ids").ravel()], dtype=object)  # UTF-8
     if not np.array_equal(rows, np.arange(len(rows))):
         raise IndexStateError(f"{version_dir}: the index identifiers are not the rows 0..N-1")
     if tensors["dataset"].ndim != 2 or len(tensors["dataset"]) != len(ids):
