@@ -29,10 +29,10 @@ from export.run_artifacts import TrainedRun, feature_columns, load_run, read_ite
 from export.scann_tuning import ScannParams, TuningResult, escalate, tune
 from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_index,
                                    scann_index, tower_module)
+from export.tower_reuse import link_tower, reusable_version, source_digest
 from export.verify import (FULL_CHECKS, ExportCheckError, RetrievalChecks, SessionModel,
                            check_close, check_exact_retrieval, check_saved_arrays, recall,
                            run_with_session)
-from export.tower_reuse import link_tower, reusable_version, source_digest
 from export.versioning import StagedVersion, export_lock, next_version
 from export.warmup import write_warmup_requests
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 from export.change_detection import (FullBuildNeeded, catalog_fingerprints, compare_towers,
