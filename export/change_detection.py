@@ -281,8 +281,8 @@ def rows_of(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     out = np.full(len(ids), -1, np.int64)
     out[:m][same] = np.flatnonzero(same)
     rest = np.concatenate([np.flatnonzero(~same), np.arange(m, len(ids))])
-    if len(rest):
-        others = np.concatenate([np.flatnonzero(~same), np.arange(m, len(table))])
+    others = np.concatenate([np.flatnonzero(~same), np.arange(m, len(table))])
+    if len(rest) and len(others):   # (no others: the rest are all absent from table)
         found = pd.Index(table[others], dtype=object).get_indexer(ids[rest])
         out[rest] = np.where(found >= 0, others[np.maximum(found, 0)], -1)
     return out

@@ -93,6 +93,9 @@ def test_rows_of_matches_a_dict_lookup_whatever_moved():
         want = {item: r for r, item in enumerate(table)}
         assert rows_of(ids, table).tolist() == [want.get(i, -1) for i in ids]
     assert rows_of(np.array([], dtype=object), table).tolist() == []
+    grown = np.concatenate([table, np.array(["new0", "new1"], dtype=object)])
+    assert rows_of(grown, table).tolist() == list(range(50)) + [-1, -1]  # only appended
+    assert rows_of(table, grown).tolist() == list(range(50))
 
 
 class _RecordingSearcher:
