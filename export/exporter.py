@@ -29,6 +29,7 @@ from export.run_artifacts import TrainedRun, feature_columns, load_run, read_ite
 from export.scann_tuning import ScannParams, TuningResult, escalate, tune
 from export.serving_models import (SEEN_INPUT, RetrievalModule, brute_force_index,
                                    scann_index, tower_module)
+from export.tower_reuse import link_tower, reusable_version, source_digest
 from export.verify import (FULL_CHECKS, ExportCheckError, RetrievalChecks, SessionModel,
                            check_close, check_exact_retrieval, check_saved_arrays, recall,
                            run_with_session)
@@ -97,6 +98,18 @@ class _Context:
     seconds: dict = field(default_factory=dict)  # embed_catalog / tune wall times
     truth: dict = field(default_factory=dict)  # k -> exact top-k rows of query_emb (cached)
     exact_lists: Optional[ExactLists] = None  # query_emb's exact best items, kept with retrieval
+    # tower model name -> the published version to hard-link when the run's tower is
+    # provably the same (export.tower_reuse; an incremental export's base version)
+    reuse_towers: dict = field(default_factory=dict)
+    _row_of: Optional[pd.Index] = None
+
+    @property
+    def row_of(self) -> pd.Index:
+        """The catalog's ids (str) as an Index: id -> row, its hash table built
+        once per export (~0.3 s at 1M items) for every check that looks rows up."""
+        if self._row_of is None:
+            self._row_of = pd.Index(np.asarray(self.catalog_ids).astype(str))
+        return self._row_of
 
 
 def export_run(run_dir: str | Path, model_base: str | Path,
@@ -186,16 +199,20 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
         tower, sig, inputs = ((run.query_tower, run.query_signature, ctx.user_inputs)
                               if side == "query" else
                               (run.candidate_tower, run.candidate_signature, ctx.item_inputs))
-        module, signatures = tower_module(tower, sig)
         started = time.perf_counter()
-        tf.saved_model.save(module, str(out), signatures=signatures, options=SAVE_OPTIONS)
+        digest = source_digest(run.path / "towers" / side, run.spec[side])
+        linked = _link_unchanged_tower(ctx.reuse_towers.get(name), digest, out)
+        if linked is None:
+            module, signatures = tower_module(tower, sig)
+            tf.saved_model.save(module, str(out), signatures=signatures, options=SAVE_OPTIONS)
         saved = time.perf_counter()
-        probe = _head(inputs, 64)
+        probe = _head(inputs, 64)  # linked or saved, served through the session loader
         got = run_with_session(out, probe)["embedding"]
         check_close(name, got, run.embed(side, probe))
         write_warmup_requests(out, name, [("serving_default", _head(inputs, 1)),
                                           ("serving_default", _head(inputs, 8))])
         return {"signatures": {"serving_default": "raw features -> embedding"},
+                "source_digest": digest, "linked_from_version": linked,
                 **_step_seconds(started, saved)}
 
     exact = name == "retrieval_exact"
@@ -258,6 +275,19 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
     return meta
 
 
+def _link_unchanged_tower(previous: Optional[Path], digest: str, out: Path) -> Optional[int]:
+    """Hard-link ``previous`` (a published version of this tower) into ``out`` when
+    it was made from the same source (export.tower_reuse); its version, or None
+    when the tower must be saved."""
+    if previous is None or reusable_version(previous, digest) is None:
+        return None
+    try:
+        link_tower(previous, out)
+    except OSError:
+        return None
+    return int(previous.name)
+
+
 def _step_seconds(started: float, saved: float) -> dict:
     """{"seconds": {"save", "verify"}}: saving took ``started`` to ``saved``, the
     checks from then to now."""
@@ -303,13 +333,13 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool,
             if ctx.exact_lists is None:  # an incremental export carries them over
                 ctx.exact_lists = full_lists(ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
                                              2 * k)
-            ctx.truth[k] = ctx.exact_lists.top_rows(k, pd.Index(ctx.catalog_ids.astype(str)))
+            ctx.truth[k] = ctx.exact_lists.top_rows(k, ctx.row_of)
         truth_rows = ctx.truth[k][:n]
         truth_ids = ctx.catalog_ids[truth_rows]
         measured = recall(got["item_ids"], truth_ids)
         if exact:
             check_exact_retrieval(got["item_ids"], got["scores"], ctx.query_emb[:n],
-                                  truth_rows, ctx.catalog_ids, ctx.catalog_emb)
+                                  truth_rows, ctx.catalog_ids, ctx.catalog_emb, ctx.row_of)
         elif measured < ctx.options.recall_target:
             raise _RecallTooLow(
                 f"retrieval: ScaNN recall@{k} {measured:.4f} is below the target "

@@ -63,19 +63,20 @@ def full_lists(query_emb: np.ndarray, catalog_ids: np.ndarray, catalog_emb: np.n
     m = min(m, len(catalog_ids))
     rows = exact_top_k(query_emb, catalog_emb, m)
     scores = np.einsum("qd,qmd->qm", query_emb, catalog_emb[rows])
-    return ExactLists(query_digest(query_emb), np.asarray(catalog_ids, dtype=str)[rows],
+    return ExactLists(query_digest(query_emb), np.asarray(catalog_ids)[rows].astype(str),
                       scores.astype(np.float32), scores[:, -1].copy())
 
 
 def updated_lists(previous: ExactLists, query_emb: np.ndarray, catalog_ids: np.ndarray,
                   catalog_emb: np.ndarray, changed_ids: np.ndarray, k: int,
-                  seed: int = 0) -> Optional[ExactLists]:
+                  seed: int = 0, row_of: Optional[pd.Index] = None) -> Optional[ExactLists]:
     """The lists after ``changed_ids`` (re-embedded or deleted items) moved, or
-    None when the queries are not the ones the lists were made for."""
+    None when the queries are not the ones the lists were made for (``row_of``:
+    ``catalog_ids`` as a str Index, when the caller has one)."""
     if previous.digest != query_digest(query_emb):
         return None
     m = previous.ids.shape[1]
-    row_of = pd.Index(np.asarray(catalog_ids, dtype=str))
+    row_of = pd.Index(np.asarray(catalog_ids, dtype=str)) if row_of is None else row_of
     changed = pd.Index(np.asarray(changed_ids, dtype=str)).unique()
     keep = (changed.get_indexer(previous.ids.ravel()) < 0).reshape(previous.ids.shape)
     keep &= previous.ids != ""
@@ -86,17 +87,26 @@ def updated_lists(previous: ExactLists, query_emb: np.ndarray, catalog_ids: np.n
     # candidates: column j < m is the previous list's entry j, column m + i fresh row i
     scores = np.concatenate([np.where(keep, previous.scores, -np.inf), fresh_scores], axis=1)
     scores[scores < previous.tau[:, None]] = -np.inf
+    # the few candidates left (about m per query of m + changed columns), best
+    # first per query: sorted as a sparse list, not partitioned row by row
     width = min(m, scores.shape[1])
-    top = np.argpartition(-scores, width - 1, axis=1)[:, :width]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    out_scores = np.take_along_axis(scores, top, axis=1).astype(np.float32)
-    out_ids = np.where(top < m, np.take_along_axis(previous.ids, np.minimum(top, m - 1), axis=1),
-                       fresh_ids[np.maximum(top - m, 0)] if len(fresh_ids) else "")
-    out_ids = np.where(np.isfinite(out_scores), out_ids, "")
+    q, col = np.nonzero(np.isfinite(scores))
+    value = scores[q, col]
+    order = np.lexsort((col, -value, q))
+    q, col, value = q[order], col[order], value[order]
+    rank = np.arange(len(q)) - np.searchsorted(q, q)   # position within its query
+    listed = rank < width
+    out_scores = np.full((len(query_emb), width), -np.inf, np.float32)
+    out_scores[q[listed], rank[listed]] = value[listed]
+    out_ids = np.full((len(query_emb), width), "", dtype=previous.ids.dtype if
+                      len(fresh_ids) == 0 else np.result_type(previous.ids, fresh_ids))
+    lc = col[listed]
+    out_ids[q[listed], rank[listed]] = np.where(
+        lc < m, previous.ids[q[listed], np.minimum(lc, m - 1)],
+        fresh_ids[np.maximum(lc - m, 0)] if len(fresh_ids) else "")
     # what fell off the end of a full list is no longer listed: it bounds the rest
-    np.put_along_axis(scores, top, -np.inf, axis=1)
-    tau = np.maximum(previous.tau, scores.max(axis=1, initial=-np.inf)).astype(np.float32)
+    tau = previous.tau.astype(np.float32).copy()
+    np.maximum.at(tau, q[~listed], value[~listed].astype(np.float32))
     lists = ExactLists(previous.digest, out_ids, out_scores, tau)
 
     short = np.flatnonzero(np.isfinite(out_scores).sum(axis=1) < min(k, len(catalog_ids)))

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 from export.change_detection import (FullBuildNeeded, catalog_fingerprints, compare_towers,
@@ -114,11 +113,9 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
     detail.lap("compare_catalog")
     seconds["detect"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
 
-    catalog_rows = pd.Index(items["item_id"].astype(str))
-    vectors = _embed(run, items, catalog_rows, plan.reembed)
-    index_rows = pd.Index(state.item_ids)
-    _probe(run, items, catalog_rows, plan.unchanged, state, index_rows, incremental)
-    rows = index_rows.get_indexer(plan.reembed)
+    vectors = _embed(run, items, plan.reembed_rows)
+    _probe(run, items, plan, state, incremental)
+    rows = plan.reembed_index_rows
     known = rows >= 0
     moved = ~known | (vectors != state.vectors[np.maximum(rows, 0)]).any(axis=1)
     counts = {"previous_items": len(state.item_ids), "re_embedded": len(plan.reembed),
@@ -152,6 +149,8 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
 
     ctx = _context(run, options, items=items, fingerprints=fingerprints,
                    catalog=(refreshed.state.item_ids, refreshed.state.vectors))
+    ctx.reuse_towers = {name: model_base / name / str(base)
+                        for name in ("query_tower", "candidate_tower")}
     ctx.exact_lists, truth = _carried_truth(base_dir, ctx, plan,
                                             min(options.k, len(ctx.catalog_ids)))
     detail.lap("context")
@@ -175,7 +174,8 @@ def _carried_truth(base_dir: Path, ctx, plan, k: int):
         return None, "brute force (the previous version stores no exact lists)"
     try:
         lists = updated_lists(previous, ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
-                              np.concatenate([plan.reembed, plan.deleted]), k)
+                              np.concatenate([plan.reembed, plan.deleted]), k,
+                              row_of=ctx.row_of)
     except TruthMismatch as err:
         return None, f"brute force ({err})"
     if lists is None:
@@ -206,25 +206,23 @@ def _base_tower(model_base: Path, base: int, base_meta: dict) -> Path:
                           f"{model_base / 'candidate_tower'} nor in its run directory")
 
 
-def _embed(run: TrainedRun, items, catalog_rows: pd.Index, item_ids: np.ndarray) -> np.ndarray:
-    """Candidate vectors [len(item_ids), d] of these catalog items
-    (``catalog_rows``: the catalog's item ids, row order)."""
-    if not len(item_ids):
+def _embed(run: TrainedRun, items, rows: np.ndarray) -> np.ndarray:
+    """Candidate vectors [len(rows), d] of these catalog rows."""
+    if not len(rows):
         return np.zeros((0, run.embedding_dim), np.float32)
-    subset = items.iloc[catalog_rows.get_indexer(item_ids)]
+    subset = items.iloc[rows]
     return run.embed("candidate", feature_columns(subset, run.spec["candidate"], "item table"))
 
 
-def _probe(run, items, catalog_rows: pd.Index, unchanged: np.ndarray, state,
-           index_rows: pd.Index,
-           incremental: IncrementalOptions) -> None:
+def _probe(run, items, plan, state, incremental: IncrementalOptions) -> None:
     """Items judged unchanged must embed to their published vectors (to rounding)."""
-    n = min(incremental.probe_items, len(unchanged))
+    n = min(incremental.probe_items, len(plan.unchanged))
     if n <= 0:
         return
-    sample = np.random.default_rng(0).choice(unchanged, n, replace=False)
-    got = _embed(run, items, catalog_rows, sample)
-    want = state.vectors[index_rows.get_indexer(sample)]
+    pick = np.random.default_rng(0).choice(len(plan.unchanged), n, replace=False)
+    got = _embed(run, items, plan.unchanged_rows[pick])
+    want = state.vectors[plan.unchanged_index_rows[pick]]
+    sample = plan.unchanged[pick]
     differs = (np.abs(got - want) > incremental.probe_atol).any(axis=1)
     if differs.any():
         item = sample[int(np.flatnonzero(differs)[0])]

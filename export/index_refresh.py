@@ -7,9 +7,10 @@ partitioner (the k-means tree), datapoint -> leaf tokens, AH codebook, AH codes,
 int8 parts, the float dataset. The TF ops can only build or search a searcher,
 so the refresh goes through ScaNN's pybind searcher, which can mutate one:
 
-    checkpoint tensors ─▶ ScaNN's serialized-searcher files ─▶ scann_ops_pybind
-    load_searcher ─▶ delete / upsert (new points go to their nearest existing
-    leaf and are coded with the existing codebook) ─▶ serialize ─▶ tensors
+    checkpoint tensors ─▶ ScaNN's serialized-searcher files (on /dev/shm) ─▶
+    scann_pybind.ScannNumpy ─▶ delete / upsert (new points go to their nearest
+    existing leaf and are coded with the existing codebook; the row -> item id
+    list kept here as ScaNN's Python wrapper keeps it) ─▶ serialize ─▶ tensors
     ─▶ the TFRS ScaNN layer's ScannState variables, as they are (the served
     graph's tensors_to_scann builds the searcher from them when the model is
     loaded: the export's session check proves it accepts them).
@@ -20,7 +21,6 @@ conversion is file I/O, not re-encoding.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
-from scann.scann_ops.py import scann_ops, scann_ops_pybind
+from scann.scann_ops.py import scann_ops, scann_ops_pybind  # noqa: F401 (puts scann_pybind on the path)
 from scann.scann_ops.py.scann_ops_pybind_backcompat import populate_and_save_assets_proto
 
 from export.scann_tuning import ScannParams
+from export.serving_models import as_tensor
 from export.verify import checkpoint_keys
 
 # ScannState's tensors, in tensors_to_scann's argument order after `dataset`;
@@ -88,7 +89,7 @@ def read_index_state(version_dir: Path) -> IndexState:
 
     tensors = {f: value(f"index/_serialized_searcher/{f}") for f in STATE_FIELDS}
     rows = value("index/_identifiers")
-    ids = value("item_ids").astype(str).astype(object)
+    ids = np.array([b.decode() for b in value("item_ids").ravel()], dtype=object)  # UTF-8
     if not np.array_equal(rows, np.arange(len(rows))):
         raise IndexStateError(f"{version_dir}: the index identifiers are not the rows 0..N-1")
     if tensors["dataset"].ndim != 2 or len(tensors["dataset"]) != len(ids):
@@ -116,18 +117,73 @@ def refresh(state: IndexState, delete_ids, upsert_ids, upsert_vectors: np.ndarra
         src.mkdir()
         dst.mkdir()
         _write_searcher_files(state, src)
-        searcher = scann_ops_pybind.load_searcher(str(src))
+        searcher = _load_searcher(src)
         before = searcher.get_health_stats()
-        if delete_ids:
-            searcher.delete(delete_ids)
+        ids = list(state.item_ids)
+        rows, moved = _delete_rows(ids, delete_ids)
+        if rows:
+            searcher.delete(rows)
         if upsert_ids:
-            searcher.upsert(upsert_ids, upsert_vectors, batch_size=upsert_batch)
+            searcher.upsert(_upsert_rows(ids, state.item_ids, set(delete_ids), moved,
+                                         upsert_ids), upsert_vectors, upsert_batch)
         after = searcher.get_health_stats()
-        searcher.serialize(str(dst))
+        searcher.serialize(str(dst), False)
         refreshed = IndexState(_read_searcher_files(dst, state.tensors),
-                               np.asarray(searcher.docids, dtype=object))
+                               np.asarray(ids, dtype=object))
     _check_rows(state, refreshed, set(delete_ids), upsert_ids, upsert_vectors)
     return RefreshResult(refreshed, before, after)
+
+
+def _load_searcher(path: Path):
+    """ScaNN's pybind searcher (``scann_pybind.ScannNumpy``) from serialized files,
+    without ScaNN's Python wrapper: the wrapper keeps the row -> id list in a
+    pickle and a 1M-entry dict (~1.2 s at 1M items); the rows are tracked here by
+    ``_delete_rows`` / ``_upsert_rows`` instead, as the wrapper does, and every
+    row is checked afterwards (``_check_rows``)."""
+    import scann_pybind  # on sys.path once scann_ops_pybind is imported
+
+    with open(path / "scann_assets.pbtxt") as f:
+        return scann_pybind.ScannNumpy(str(path), f.read())
+
+
+def _delete_rows(ids: list, delete_ids: list) -> tuple[list, dict]:
+    """The rows to hand ScaNN's ``delete`` for ``delete_ids`` (unique), with ``ids``
+    updated as ScaNN moves its rows (each deletion moves the last row into the
+    freed one, as ScannSearcher.delete in scann_ops_pybind tracks it); also
+    item -> row of every remaining item that moved."""
+    if len(set(delete_ids)) != len(delete_ids):
+        raise IndexStateError("ScaNN refresh: an item is deleted twice")
+    start = pd.Index(ids, dtype=object).get_indexer(delete_ids) if delete_ids else []
+    moved, rows = {}, []
+    for item, row in zip(delete_ids, start):
+        row = moved.pop(item, row)
+        if row < 0:
+            raise IndexStateError(f"ScaNN refresh: cannot delete {item!r}, not in the index")
+        rows.append(int(row))
+        last = len(ids) - 1
+        if row != last:
+            ids[row] = ids[last]
+            moved[ids[row]] = row
+        ids.pop()
+    return rows, moved
+
+
+def _upsert_rows(ids: list, original: np.ndarray, deleted: set, moved: dict,
+                 upsert_ids: list) -> list:
+    """The rows to hand ScaNN's ``upsert`` (None: a new item, appended in order),
+    with ``ids`` extended by the new items. ``ids`` is ``original`` after
+    ``_delete_rows``: an item is at its original row unless it moved or was
+    deleted (then it is inserted anew, as the wrapper does)."""
+    rows = pd.Index(original, dtype=object).get_indexer(upsert_ids)
+    out = []
+    for item, row in zip(upsert_ids, rows):
+        row = -1 if item in deleted else moved.get(item, row)
+        if row < 0:
+            out.append(None)
+            ids.append(item)
+        else:
+            out.append(int(row))
+    return out
 
 
 def _write_searcher_files(state: IndexState, out: Path) -> None:
@@ -138,8 +194,6 @@ def _write_searcher_files(state: IndexState, out: Path) -> None:
             (out / f"{field}.pb").write_bytes(value.reshape(-1)[0])
         elif value.ndim > 0:  # absent parts (int8 without int8 scoring) are empty scalars
             np.save(out / f"{field}.npy", value)
-    with open(out / "scann_docids.pkl", "wb") as f:
-        pickle.dump(list(state.item_ids), f)  # read back by scann_ops_pybind.load_searcher
     populate_and_save_assets_proto(str(out))
 
 
@@ -157,27 +211,75 @@ def _read_searcher_files(path: Path, previous: dict[str, np.ndarray]) -> dict[st
 
 def _check_rows(old: IndexState, new: IndexState, deleted: set, upsert_ids: list,
                 upsert_vectors: np.ndarray) -> None:
-    """Every item of the refreshed index holds its expected vector, at its row."""
-    ids, old_ids = pd.Index(new.item_ids), pd.Index(old.item_ids)
-    gone = pd.Index(sorted(deleted), dtype=object)
+    """Every item of the refreshed index holds its expected vector, at its row:
+    the old items less ``deleted``, each once, with its old vector unless it was
+    upserted, and every upserted item with its new vector; nothing else.
+
+    ScaNN keeps most rows where they were (a delete moves the last row into the
+    freed one, an insert appends), so the rows whose id did not move are checked
+    with whole-array comparisons and only the others are looked up: at 1M items
+    one hash table of the old ids instead of one per lookup direction.
+    """
+    ids, old_ids = new.item_ids, old.item_ids
+    n, n_old = len(ids), len(old_ids)
+    old_index = pd.Index(old_ids)   # get_indexer below refuses duplicate old ids
     upserted = pd.Index(upsert_ids, dtype=object)
-    kept = (gone.get_indexer(old_ids) < 0) & (upserted.get_indexer(old_ids) < 0)
-    expected_count = int(kept.sum()) + upserted.nunique()
-    old_row = old_ids.get_indexer(ids)
-    new_row = upserted.get_indexer(ids)
-    stale = (new_row < 0) & (gone.get_indexer(ids) >= 0)
-    if (not ids.is_unique or len(ids) != expected_count or ((old_row < 0) & (new_row < 0)).any()
-            or stale.any() or len(new.vectors) != len(ids)
-            or len(new.tensors["datapoint_to_token"]) != len(ids)):
+    upsert_old_row = old_index.get_indexer(upserted)
+    deleted_old_row = old_index.get_indexer(pd.Index(sorted(deleted), dtype=object))
+    if not upserted.is_unique or (deleted_old_row < 0).any() or deleted & set(upsert_ids):
+        raise IndexStateError("ScaNN refresh: an item upserted twice, or deleted although "
+                              "not in the index or also upserted")
+    expected_count = n_old - len(deleted) + int((upsert_old_row < 0).sum())
+
+    # each new row's source: a row of old.vectors (< n_old), n_old + a row of
+    # upsert_vectors, or -1 for an item that should not be there
+    stays = np.zeros(n, bool)
+    stays[:min(n, n_old)] = ids[:n_old] == old_ids[:n]
+    upsert_at = np.full(max(n, n_old), -1)
+    upsert_at[upsert_old_row[upsert_old_row >= 0]] = np.flatnonzero(upsert_old_row >= 0)
+    at_upserted = stays & (upsert_at[:n] >= 0)
+    source = np.where(stays, np.arange(n), -1)
+    source[at_upserted] = n_old + upsert_at[:n][at_upserted]
+    moved = np.flatnonzero(~stays)
+    moved_ids = pd.Index(ids[moved], dtype=object)
+    from_upsert, from_old = upserted.get_indexer(moved_ids), old_index.get_indexer(moved_ids)
+    source[moved] = np.where(from_upsert >= 0, n_old + from_upsert, from_old)
+    is_deleted = np.zeros(n_old + len(upsert_ids) + 1, bool)  # [-1]: False
+    is_deleted[deleted_old_row] = True
+    # an old item that moved must not also have stayed at its old row
+    also_stayed = (from_old >= 0) & (from_old < n) & stays[np.clip(from_old, 0, max(0, n - 1))]
+    if (n != expected_count or (source < 0).any() or is_deleted[source].any()
+            or not moved_ids.is_unique or also_stayed.any()
+            or len(new.vectors) != n or len(new.tensors["datapoint_to_token"]) != n):
         raise IndexStateError("ScaNN refresh: the refreshed index does not hold exactly the "
                               "expected items")
-    expected = np.where((new_row >= 0)[:, None], upsert_vectors[np.maximum(new_row, 0)]
-                        if len(upsert_ids) else 0.0, old.vectors[np.maximum(old_row, 0)])
-    wrong = (expected != new.vectors).any(axis=1)
+    # (unique, all expected, as many as expected: exactly the expected items)
+    wrong = np.zeros(n, bool)
+    shared = min(n, n_old)
+    wrong[:shared] = _rows_differ(new.vectors[:shared], old.vectors[:shared])
+    rest = np.flatnonzero(~stays | at_upserted)   # rows not expected to hold their old vector
+    if len(rest):
+        src = source[rest]
+        fresh = src >= n_old
+        want = np.empty((len(rest), new.vectors.shape[1]), new.vectors.dtype)
+        want[~fresh] = old.vectors[src[~fresh]]
+        want[fresh] = upsert_vectors[src[fresh] - n_old]
+        wrong[rest] = _rows_differ(new.vectors[rest], want)
     if wrong.any():
         bad = int(np.flatnonzero(wrong)[0])
         raise IndexStateError(f"ScaNN refresh: row {bad} (item {ids[bad]}) does not hold "
                               "its expected vector")
+
+
+def _rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N] bool: row i of ``a`` and ``b`` (same shape and dtype) differ in some
+    byte (compared as integers: a NaN equals itself, -0.0 differs from 0.0)."""
+    if not len(a):
+        return np.zeros(0, bool)
+    width = a.dtype.itemsize * int(np.prod(a.shape[1:]))
+    word = np.uint64 if width % 8 == 0 else np.uint8
+    a, b = (np.ascontiguousarray(x).reshape(len(x), -1).view(word) for x in (a, b))
+    return (a != b).any(axis=1)
 
 
 class _StateScaNN(tfrs.layers.factorized_top_k.ScaNN):
@@ -199,7 +301,7 @@ class _GivenState:
         self.tensors = tensors
 
     def serialize_to_module(self) -> scann_ops.ScannState:
-        return scann_ops.ScannState([tf.constant(self.tensors[f]) for f in STATE_FIELDS])
+        return scann_ops.ScannState([as_tensor(self.tensors[f]) for f in STATE_FIELDS])
 
 
 def searcher_from_tensors(tensors: dict[str, np.ndarray]) -> scann_ops.ScannSearcher:
@@ -225,4 +327,6 @@ def scann_layer_from_state(state: IndexState, k: int, params: ScannParams):
                         dimensions_per_block=params.dimensions_per_block,
                         training_iterations=params.training_iterations)
     n = len(state.item_ids)
-    return layer.index(tf.constant(state.vectors), tf.range(n, dtype=tf.int64))
+    # index() only checks the candidates' shape here (_StateScaNN keeps the given
+    # state): an empty [n, 0] tensor instead of a copy of the [n, d] dataset
+    return layer.index(tf.zeros([n, 0]), tf.range(n, dtype=tf.int64))

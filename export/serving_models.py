@@ -3,17 +3,42 @@
 Every signature takes raw features, one named ``[None]`` tensor per feature,
 and returns fully shaped outputs. Retrieval modules index catalog *rows*
 (int64) rather than string ids, so seen-item exclusion compares integers; the
-row -> id mapping is a constant gathered at the end.
+row -> id mapping is a variable gathered at the end, and the id -> row table
+(exclusion) is filled from that variable when the model is loaded: the ids are
+stored once, in the checkpoint, never as a constant in the GraphDef.
 """
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
+from tensorflow.python.ops import gen_lookup_ops, lookup_ops
+from tensorflow.python.trackable.data_structures import NoDependency
 
 from export.scann_tuning import ScannParams
 
 SEEN_INPUT = "seen_item_ids"
+_ALIGN = 64  # bytes: TensorFlow's (Eigen's) alignment for tensor buffers
+
+
+def as_tensor(array: np.ndarray) -> tf.Tensor:
+    """A numeric numpy array as an eager tensor that shares its buffer (DLPack).
+
+    ``tf.constant`` copies element by element: ~0.5 s for a [1M, 64] float32
+    catalog here, paid for every model that indexes it. The array must not be
+    written to afterwards (the tensor, and variables made from it, see it); one
+    that is not 64-byte aligned or C-contiguous is copied once into one that is.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind not in "fiu" or array.size == 0:
+        return tf.constant(array)
+    if not array.flags.c_contiguous or array.ctypes.data % _ALIGN:
+        buffer = np.empty(array.nbytes + _ALIGN, np.uint8)
+        start = -buffer.ctypes.data % _ALIGN
+        aligned = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+        aligned[...] = array
+        array = aligned
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
 def tower_module(tower, signature: dict[str, tf.TensorSpec]) -> tuple[tf.Module, dict]:
@@ -21,7 +46,7 @@ def tower_module(tower, signature: dict[str, tf.TensorSpec]) -> tuple[tf.Module,
     module = tf.Module()
     module.tower = tower
 
-    @tf.function(input_signature=[signature])
+    @tf.function(input_signature=[signature], autograph=False)
     def serve(features):
         return {"embedding": tf.identity(tower.embed(features)["embedding"], name="embedding")}
 
@@ -36,12 +61,45 @@ def scann_index(embeddings: np.ndarray, k: int, params: ScannParams):
         num_reordering_candidates=params.num_reordering_candidates,
         dimensions_per_block=params.dimensions_per_block,
         training_iterations=params.training_iterations)
-    return layer.index(tf.constant(embeddings), tf.range(len(embeddings), dtype=tf.int64))
+    return layer.index(as_tensor(embeddings), tf.range(len(embeddings), dtype=tf.int64))
 
 
 def brute_force_index(embeddings: np.ndarray, k: int):
     layer = tfrs.layers.factorized_top_k.BruteForce(k=k)
-    return layer.index(tf.constant(embeddings), tf.range(len(embeddings), dtype=tf.int64))
+    return layer.index(as_tensor(embeddings), tf.range(len(embeddings), dtype=tf.int64))
+
+
+class IndexVariables(tf.Module):
+    """A TFRS retrieval layer's variables under the layer's own attribute names
+    (ScaNN: ``_serialized_searcher`` (a ScannState) and ``_identifiers``;
+    BruteForce: ``_candidates`` and ``_identifiers``), so a checkpoint reads
+    ``index/_serialized_searcher/dataset`` etc. as when the layer was saved."""
+
+    _ATTRIBUTES = ("_serialized_searcher", "_candidates", "_identifiers")
+
+    def __init__(self, layer):
+        super().__init__()
+        for attr in self._ATTRIBUTES:
+            value = getattr(layer, attr, None)
+            if value is not None:
+                setattr(self, attr, value)
+
+
+class RowOfId(lookup_ops.TableInitializerBase):
+    """id -> row (int64) table contents read from a [N] string variable when the
+    table is initialized. A loader (TF Serving's, the session loader, TF2's)
+    restores variables before it runs the initializers, so the served graph
+    holds no copy of the ids (a KeyValueTensorInitializer would embed them as a
+    [N] string constant in saved_model.pb)."""
+
+    def __init__(self, ids: tf.Variable):
+        super().__init__(tf.string, tf.int64)
+        self._ids = ids
+
+    def initialize(self, table):
+        keys = self._ids.read_value()
+        rows = tf.range(tf.size(keys, out_type=tf.int64), dtype=tf.int64)
+        return gen_lookup_ops.lookup_table_import_v2(table.resource_handle, keys, rows)
 
 
 class RetrievalModule(tf.Module):
@@ -62,16 +120,18 @@ class RetrievalModule(tf.Module):
         self.fetch = min(self.k + max_exclude, n)
         self.max_exclude = max_exclude
         self.query_tower = query_tower
-        self.index = index
-        ids = tf.constant(np.asarray(item_ids, dtype=object).astype(str))
-        self.item_ids = tf.Variable(ids, trainable=False, name="item_ids")
-        self.row_of = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(ids, tf.range(n, dtype=tf.int64)),
-            default_value=-1)
+        # the layer's variables are saved at its own object paths (index/...), the
+        # Keras layer itself is not: saving it would trace its functions for Keras'
+        # own loader (seconds per model), which no served signature uses
+        self.index = IndexVariables(index)
+        self._search = NoDependency(index)
+        self.item_ids = tf.Variable(np.asarray(item_ids, dtype=object).astype(str),
+                                    trainable=False, name="item_ids")
+        self.row_of = tf.lookup.StaticHashTable(RowOfId(self.item_ids), default_value=-1)
         seen = tf.TensorSpec([None, None], tf.string, name=SEEN_INPUT)
-        self.serve = tf.function(self._retrieve, input_signature=[signature])
+        self.serve = tf.function(self._retrieve, input_signature=[signature], autograph=False)
         self.serve_excluding = tf.function(self._retrieve_excluding,
-                                           input_signature=[signature, seen])
+                                           input_signature=[signature, seen], autograph=False)
 
     def signatures(self) -> dict:
         return {"serving_default": self.serve.get_concrete_function(),
@@ -86,7 +146,7 @@ class RetrievalModule(tf.Module):
                 "scores": tf.ensure_shape(scores, [None, self.k], name="scores")}
 
     def _retrieve(self, features):
-        scores, rows = self.index(self._query(features), k=self.k)
+        scores, rows = self._search(self._query(features), k=self.k)
         return self._outputs(scores, rows)
 
     def _retrieve_excluding(self, features, seen_item_ids):
@@ -104,7 +164,7 @@ class RetrievalModule(tf.Module):
         ]
         with tf.control_dependencies(checks):
             seen_rows = self.row_of.lookup(seen_item_ids)  # [B, S]; -1 = unknown or ""
-        scores, rows = self.index(query, k=self.fetch)
+        scores, rows = self._search(query, k=self.fetch)
         is_seen = tf.reduce_any(tf.equal(rows[:, :, None], seen_rows[:, None, :]), axis=-1)
         scores = tf.where(is_seen, tf.constant(-np.inf, scores.dtype), scores)
         top_scores, pos = tf.math.top_k(scores, k=self.k)

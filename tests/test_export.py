@@ -93,6 +93,39 @@ def test_exclusion_removes_seen_and_backfills(exported, tiny_run):
         assert list(row[: len(kept)]) == kept  # the rest of the ranking is unchanged
 
 
+def _string_constants(saved_model_pb):
+    """Every string value of every Const node in a SavedModel's graph and functions."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    model = saved_model_pb2.SavedModel()
+    model.ParseFromString(saved_model_pb.read_bytes())
+    graph = model.meta_graphs[0].graph_def
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return {v.decode(errors="replace") for n in nodes if n.op == "Const"
+            for v in n.attr["value"].tensor.string_val}
+
+
+def test_served_ids_are_stored_once_in_the_checkpoint_not_the_graph(exported, tiny_run):
+    """The row -> id variable fills the id -> row table at load (no [N] string
+    constant in saved_model.pb); every loader gets the same exclusion from it."""
+    base, _ = exported
+    catalog = set(pd.read_parquet(tiny_run.output_dir / "items.parquet")["item_id"])
+    inputs = user_inputs(tiny_run.output_dir, 2)
+    for name in ("retrieval", "retrieval_exact"):
+        path = base / name / "1"
+        assert not _string_constants(path / "saved_model.pb") & catalog, name
+        plain = run_with_session(path, inputs)["item_ids"].astype(str)
+        seen = np.array([[row[0], row[2]] for row in plain], dtype=object)
+        session = run_with_session(path, {**inputs, "seen_item_ids": seen},
+                                   "retrieve_excluding")["item_ids"].astype(str)
+        fn = tf.saved_model.load(str(path)).signatures["retrieve_excluding"]  # TF2 loader
+        eager = fn(**{k: tf.constant(v) for k, v in inputs.items()},
+                   seen_item_ids=tf.constant(seen))["item_ids"].numpy().astype(str)
+        np.testing.assert_array_equal(eager, session)
+        for row, before in zip(session, plain):
+            assert list(row[:K - 2]) == [before[1]] + list(before[3:K])
+
+
 def test_too_many_seen_ids_is_an_error(exported, tiny_run):
     base, _ = exported
     inputs = user_inputs(tiny_run.output_dir, 1)

@@ -5,6 +5,7 @@ The "new run" is the tiny run's descendant from tests/descendant_run.py: some
 item id embedding rows moved through the tower's real weights, standing in for
 issue 13's incremental training (id embeddings trainable, MLPs frozen).
 """
+import os
 import shutil
 
 import numpy as np
@@ -79,6 +80,22 @@ def test_incremental_export_refreshes_only_what_moved(update, tiny_run):
     assert "compare_towers" in u["seconds"]["steps"]
     assert u["ground_truth"] == "carried from version 1, re-embedded rows scored"
     assert read_metadata(base / "query_tower" / "2")["update"]["kind"] == "incremental"
+    # the query tower is the parent's, byte for byte: version 1's files hard-linked,
+    # metadata and warmup written anew; the candidate tower moved, so it was saved
+    q1, q2 = base / "query_tower" / "1", base / "query_tower" / "2"
+    assert read_metadata(q2)["linked_from_version"] == 1
+    for rel in ("saved_model.pb", "variables/variables.index",
+                "variables/variables.data-00000-of-00001"):
+        assert os.path.samefile(q1 / rel, q2 / rel), rel
+    assert not os.path.samefile(q1 / "assets.extra" / "metadata.json",
+                                q2 / "assets.extra" / "metadata.json")
+    c2 = read_metadata(base / "candidate_tower" / "2")
+    assert c2["linked_from_version"] is None
+    assert c2["source_digest"] != read_metadata(base / "candidate_tower" / "1")["source_digest"]
+    users = feature_columns(pd.read_parquet(child / "users.parquet").head(16),
+                            load_run(child).spec["query"], "users")
+    np.testing.assert_allclose(run_with_session(q2, users)["embedding"],
+                               load_run(child).embed("query", users), atol=1e-6)
 
     # an item not re-embedded has bit-identical vectors in both runs
     items = pd.read_parquet(items_path)
