@@ -96,6 +96,14 @@ def _log(t0: float, msg: str) -> None:
     print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
 
 
+def _worker_threads(threads: int) -> None:
+    """Each worker's TF thread pools: the cores split between the workers, so
+    that side-by-side schedules do not oversubscribe them."""
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 def _logq(schedule: str) -> str:
     return "streaming" if schedule.endswith("streaming") else "static"
 
@@ -125,7 +133,9 @@ def replay(name, config_path, world, start, period, periods, warmup, per_day,
     # the longest schedules first, so that the short ones fill the gaps
     order = sorted(schedules, key=lambda s: -len(update_times(s, start, period, periods,
                                                               warmup, per_day)))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_threads, initargs=(threads,)) as pool:
         initial = dict(zip(keys, pool.map(
             train_initial, [config_path] * len(keys), [world] * len(keys), keys,
             [until] * len(keys), [period] * len(keys),
@@ -238,8 +248,8 @@ def main(argv=None):
                    help="last periods of full+inc that also export and publish")
     p.add_argument("--workers", type=int, default=3,
                    help="processes replaying schedules side by side (default 3: the three "
-                        "long schedules at once; on 2 cores their Python-bound steps "
-                        "interleave)")
+                        "long schedules at once), the cores split between their TF thread "
+                        "pools")
     p.add_argument("--output", type=Path, default=REPO / "docs" / "update_timeline")
     args = p.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
