@@ -56,12 +56,21 @@ def options(items_path, **kw):
     return ExportOptions(k=K, items_path=str(items_path), progress=False, **kw)
 
 
-def test_incremental_export_refreshes_only_what_moved(update, tiny_run):
+@pytest.fixture(scope="module")
+def refreshed(update):
+    """Version 2: the descendant exported incrementally from version 1, once per
+    module, so every test that reads it finds it whichever test runs first (under
+    xdist a worker may get any of them)."""
     from export.native_loader import compiler_available
 
     base, child, items_path = update
-    result = export_incremental(child, base, options(items_path,
-                                                     native_check=compiler_available()))
+    return export_incremental(child, base, options(items_path,
+                                                   native_check=compiler_available()))
+
+
+def test_incremental_export_refreshes_only_what_moved(update, refreshed, tiny_run):
+    base, child, items_path = update
+    result = refreshed
     assert result.version == 2
     meta = read_metadata(base / "retrieval" / "2")
     u = meta["update"]
@@ -127,7 +136,7 @@ def test_incremental_export_refreshes_only_what_moved(update, tiny_run):
         assert got <= set(ids)
 
 
-def test_inserted_item_found_by_its_own_vector_and_deleted_never(update):
+def test_inserted_item_found_by_its_own_vector_and_deleted_never(update, refreshed):
     """Search the refreshed index itself (the served ScaNN op) with item vectors."""
     base, _, _ = update
     state = read_index_state(base / "retrieval" / "2")
@@ -141,7 +150,7 @@ def test_inserted_item_found_by_its_own_vector_and_deleted_never(update):
     assert set(state.item_ids[top.numpy().ravel()]).isdisjoint(DELETED)
 
 
-def test_saved_array_check_sees_one_changed_float_or_two_swapped_ids(update):
+def test_saved_array_check_sees_one_changed_float_or_two_swapped_ids(update, refreshed):
     """The incremental export checks retrieval_exact through the session on only 64
     users; what makes that enough is this comparison of every saved row with what
     was built, which must fail on the smallest corruption."""
@@ -228,7 +237,7 @@ def test_carried_exact_lists_equal_a_brute_force_over_a_chain_of_updates():
         updated_lists(lists, queries, ids, emb, changed[:0], k)
 
 
-def test_fallback_to_full_export_above_the_threshold(update):
+def test_fallback_to_full_export_above_the_threshold(update, refreshed):
     base, child, items_path = update
     result = export_incremental(child, base, options(items_path),
                                 IncrementalOptions(base_version=1, max_changed_fraction=0.05))
