@@ -153,15 +153,24 @@ def replay(name, config_path, world, start, period, periods, warmup, per_day,
     return rows, walls
 
 
+def _restored(run: Path, world):
+    """``run``'s model as saved, its variables made on a batch of its own window."""
+    from trainer.batches import TrainingBatches
+    from trainer.prepare import prepare_data
+    from updates.model_state import restore_model
+
+    c = load_config(run / "config.yaml")
+    prepared = prepare_data(c, cut_window(world, c.data.since, c.data.until))
+    return restore_model(run, next(iter(
+        TrainingBatches(prepared, c).dataset(c.training.batch_size, 0))))
+
+
 def replay_schedule(name, schedule, config_path, world, start, period, periods, warmup,
                     per_day, export_periods, initial: Path, work: Path, t0):
     """One schedule's (row, walls): its updates in time order, each served model
     scored on the clicks until the next one is published."""
     from trainer import run_dir as run_dirs
-    from trainer.batches import TrainingBatches
-    from trainer.prepare import prepare_data
     from updates.lineage import PUBLISHED_FILE, latest_run, write_json_atomic
-    from updates.model_state import restore_model
     from updates.publish import PublishOptions
     from updates.update import GateRefused, UpdateOptions, run_update, train_candidate
 
@@ -172,10 +181,7 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
     runs = work / schedule.replace(" ", "_") / "runs"
     shutil.copytree(initial, runs)
     models = work / schedule.replace(" ", "_") / "models"
-    c = load_config(runs / "initial" / "config.yaml")
-    prepared = prepare_data(c, cut_window(world, None, start + warmup * period))
-    model = restore_model(runs / "initial", next(iter(
-        TrainingBatches(prepared, c).dataset(c.training.batch_size, 0))))
+    model = _restored(runs / "initial", world)
     events = update_times(schedule, start, period, periods, warmup, per_day)
     served_from = start + warmup * period
     per_period = defaultdict(lambda: np.zeros(3))
@@ -213,11 +219,7 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
             _log(t0, f"{name} {schedule} {kind} at {t}: {err}")
             continue
         if model is None:   # exported: score the model it trained (same weights)
-            run = latest_run(runs)
-            cc = load_config(run / "config.yaml")
-            prep = prepare_data(cc, cut_window(world, cc.data.since, cc.data.until))
-            model = restore_model(run, next(iter(
-                TrainingBatches(prep, cc).dataset(cc.training.batch_size, 0))))
+            model = _restored(latest_run(runs), world)
         served_from = t
         _log(t0, f"{name} {schedule}: {kind} update until {t} in "
              f"{time.perf_counter() - started:.1f} s"

@@ -88,9 +88,8 @@ def main(argv=None) -> int:
     print(f"published version {result.version}:")
     update = next(iter(result.metadata.values()), {}).get("update")
     if update and update["kind"] == "incremental":
-        print(f"  incremental from version {update['base_version']}: "
-              f"{update['re_embedded']} re-embedded, {update['inserted']} inserted, "
-              f"{update['updated']} updated, {update['deleted']} deleted")
+        from export.incremental import refresh_counts
+        print(f"  incremental from version {update['base_version']}: {refresh_counts(update)}")
     elif update:
         print(f"  full export instead of incremental: {update['fallback_reason']}")
     for name, path in result.paths.items():

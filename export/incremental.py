@@ -76,6 +76,13 @@ def export_incremental(run_dir: str | Path, model_base: str | Path,
                        extra_metadata={"update": update})
 
 
+def refresh_counts(update: dict) -> str:
+    """'N re-embedded, N inserted, N updated, N deleted' of an incremental
+    export's ``update`` metadata."""
+    return ", ".join(f"{update[k]} {k.replace('_', '-')}"
+                     for k in ("re_embedded", "inserted", "updated", "deleted"))
+
+
 def _base_version(model_base: Path, requested) -> int | None:
     versions = [v for v in existing_versions(model_base / "retrieval")
                 if is_complete(model_base / "retrieval" / str(v))]

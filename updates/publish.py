@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from export.exporter import ALL_MODELS, ExportOptions, ExportResult, export_run
-from export.incremental import IncrementalOptions, export_incremental
+from export.incremental import IncrementalOptions, export_incremental, refresh_counts
 from export.scann_tuning import ScannParams
 from export.versioning import existing_versions, export_lock, is_complete, next_version
 
@@ -94,9 +94,7 @@ def describe_index(result: ExportResult) -> str:
     if not update:
         return "index built and tuned from scratch"
     if update["kind"] == "incremental":
-        return (f"index refreshed from version {update['base_version']}: "
-                f"{update['re_embedded']} re-embedded, {update['inserted']} inserted, "
-                f"{update['updated']} updated, {update['deleted']} deleted")
+        return f"index refreshed from version {update['base_version']}: {refresh_counts(update)}"
     return f"index rebuilt instead of refreshed: {update['fallback_reason']}"
 
 
