@@ -9,7 +9,7 @@ import tensorflow as tf
 from trainer.config import (CategoricalFeature, ContinuousFeature, MultiCategoricalFeature,
                             TextFeature, TowerConfig)
 from trainer.saving import save_tower
-from trainer.towers import Tower, embed, features_of
+from trainer.towers import Tower, TowerEmbedder, embed, features_of
 
 SPECS = [
     CategoricalFeature(name="item_id", type="categorical", embedding_dim=8),
@@ -40,6 +40,21 @@ def test_unseen_values_still_embed():
     out = tower({"item_id": tf.constant(["new"]), "tags": tf.constant(["never|seen"]),
                  "price": tf.constant([1e6]), "title": tf.constant(["unknown words"])})
     assert out.shape == (1, 6) and np.isfinite(out.numpy()).all()
+
+
+def test_embedder_runs_eagerly_first_then_traced_and_both_agree():
+    tower = make_tower()
+    feats = features_of(TABLE, SPECS, "items")
+    embedder = TowerEmbedder(tower, batch_size=4, eager_calls=1)
+    eager = embedder(feats)                  # one batch, first call: no tracing
+    assert embedder._traced is None
+    traced = embedder(feats)                 # the eager budget is spent: traced
+    assert embedder._traced is not None
+    np.testing.assert_allclose(eager, traced, rtol=1e-6, atol=1e-7)
+    batched = TowerEmbedder(tower, batch_size=3)   # two batches: traced at once
+    np.testing.assert_allclose(batched(feats), eager, rtol=1e-6, atol=1e-7)
+    assert batched._traced is not None
+    assert TowerEmbedder(tower)({k: v[:0] for k, v in feats.items()}).shape == (0, 6)
 
 
 def test_saved_tower_matches_in_memory(tmp_path):

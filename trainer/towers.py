@@ -147,22 +147,36 @@ def features_of(table: pd.DataFrame, specs: Sequence[FeatureConfig],
 class TowerEmbedder:
     """Runs a tower over dicts of numpy columns in batches -> [n, d] float32.
 
-    The inference function is traced once per embedder, so per-epoch
-    validation does not trace it again. Make a new one after the tower's
-    variables change shape (``Tower.grow_vocabularies``).
+    Tracing the tower (0.3-0.6 s for a tower with text and multi-valued
+    features) costs more than running it eagerly over one batch, so the first
+    ``eager_calls`` calls that fit in one batch run eagerly (an update's gate
+    and a replay's scores embed a few thousand rows once); larger calls and
+    the ones after them (per-epoch validation) run the function traced once
+    per embedder. Make a new one after the tower's variables change shape
+    (``Tower.grow_vocabularies``).
     """
 
-    def __init__(self, tower: Tower, batch_size: int = 4096):
+    def __init__(self, tower: Tower, batch_size: int = 4096, eager_calls: int = 2):
         self.tower, self.batch_size = tower, batch_size
-        self._call = tf.function(lambda f: tower(f, training=False),
-                                 input_signature=[tower.input_signature])
+        self._eager_calls_left = eager_calls
+        self._traced = None
+
+    def _function(self, n: int):
+        if self._traced is None and n <= self.batch_size and self._eager_calls_left > 0:
+            self._eager_calls_left -= 1
+            return lambda f: self.tower(f, training=False)
+        if self._traced is None:
+            self._traced = tf.function(lambda f: self.tower(f, training=False),
+                                       input_signature=[self.tower.input_signature])
+        return self._traced
 
     def __call__(self, features: dict) -> np.ndarray:
         n = len(next(iter(features.values())))
-        out = [self._call({k: v[start:start + self.batch_size] for k, v in features.items()})
-               .numpy() for start in range(0, n, self.batch_size)]
-        if not out:
+        if n == 0:
             return np.zeros((0, self.tower.embedding_dim), np.float32)
+        call = self._function(n)
+        out = [call({k: v[start:start + self.batch_size] for k, v in features.items()})
+               .numpy() for start in range(0, n, self.batch_size)]
         return np.concatenate(out).astype(np.float32)
 
 
