@@ -73,8 +73,8 @@ IDS_ONLY = {"features": {"user": [{"name": "user_id", "type": "categorical"}],
     ("objective", {"logq_correction": False, "logq_weight": 0.5},
      "objective.logq_weight=0.5 weighs the logQ correction, but "
      "objective.logq_correction is false"),
-    ("objective", {"logq_weight": 1.5},
-     "objective.logq_weight: Input should be less than or equal to 1"),
+    ("objective", {"logq_weight": 2.5},
+     "objective.logq_weight: Input should be less than or equal to 2"),
 ])
 def test_options_that_would_be_ignored_are_errors(section, values, message):
     from trainer.config import parse_config

@@ -80,7 +80,9 @@ class InBatchSoftmax(tf.keras.layers.Layer):
             # popular one exactly corrected (not only those with q >= 1e-6).
             prob = prob / tf.reduce_max(prob)
             if self.logq_weight != 1.0:
-                prob = prob ** self.logq_weight   # TFRS subtracts log(q^w) = w log q
+                # TFRS subtracts log(q^w) = w log q; above w = 1 exact for items
+                # down to 1e-6^(1/w) x the batch's most popular one
+                prob = prob ** self.logq_weight
         ids = batch.get("candidate_row", batch.get("item_row"))
         mask = batch.get("score_mask")
         if self.num_hard_negatives:
