@@ -176,11 +176,10 @@ class Listwise(_PerQuery):
     """Softmax cross-entropy over one positive and its N negatives: -log s+.
 
     Logits are cos / T. With ``logq_correction`` each sampled negative's logit
-    is reduced by w ``batch["neg_logq"]`` [B, N] = w log(N_easy q_i), its expected
-    count under the sampler (sampled-softmax correction, w = ``logq_weight``,
-    1 = full); hard negatives carry
-    0 there (no known proposal). The positive is not a draw, so it is never
-    corrected.
+    is reduced by w ``batch["neg_logq"]`` [B, N] = w log(N_easy q_i), log of its
+    expected count under the sampler (sampled-softmax correction; w =
+    ``logq_weight``, 1 = full); hard negatives carry 0 there (no known
+    proposal). The positive is not a draw, so it is never corrected.
     """
 
     def __init__(self, temperature: float = 0.2, logq_correction: bool = True,
