@@ -2,7 +2,8 @@
 
 Each candidate (benchmarks/default_candidates.yaml: parameters of the default
 tuning space, and optionally ``override``: a partial config, path from the
-repository root, merged over the base config first) is applied to each base config and fitted on its validation
+repository root, merged over the base config first; ``config``: an inline partial
+config merged after it) is applied to each base config and fitted on its validation
 split (the tuner's rule: 10 % of the training clicks under the random
 protocols, the last ``test_days`` days before the test days under
 ``temporal``), once per training seed; the test split is never scored in this
@@ -61,6 +62,8 @@ def candidate_raw(base, candidate: dict, seed: int) -> tuple[dict, dict, dict]:
     if "override" in params:
         over = yaml.safe_load((ROOT / params.pop("override")).read_text(encoding="utf-8"))
         raw = deep_merge(raw, over)
+    if "config" in params:   # an inline partial config, merged after the override file
+        raw = deep_merge(raw, params.pop("config"))
     raw["tuning"] = None
     raw["training"]["seed"] = seed
     return raw, default_space(raw), params

@@ -68,6 +68,13 @@ IDS_ONLY = {"features": {"user": [{"name": "user_id", "type": "categorical"}],
      "objective.unobserved_per_row: not used by objective.kind=in_batch_softmax"),
     ("sampling", {"negatives": {"hard_fraction": 0.5}},
      "sampling.negatives.hard_fraction: not used by objective.kind=in_batch_softmax"),
+    ("objective", {"kind": "pointwise", "logq_weight": 0.5},
+     "objective.logq_weight: not used by objective.kind=pointwise"),
+    ("objective", {"logq_correction": False, "logq_weight": 0.5},
+     "objective.logq_weight=0.5 weighs the logQ correction, but "
+     "objective.logq_correction is false"),
+    ("objective", {"logq_weight": 2.5},
+     "objective.logq_weight: Input should be less than or equal to 2"),
 ])
 def test_options_that_would_be_ignored_are_errors(section, values, message):
     from trainer.config import parse_config

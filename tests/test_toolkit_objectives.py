@@ -145,6 +145,36 @@ def test_logq_correction_is_exact_for_tiny_probabilities():
                                rtol=1e-5)
 
 
+def test_partial_logq_weight_halves_the_correction():
+    """logq_weight w = 0.5: logits cos/T - 0.5 log q, hand-computed; w = 0 is no
+    correction at all (the softmax ignores the constant log max q shift)."""
+    cands = np.array([[0.8, 0.6], [0.0, 1.0]], np.float32)
+    prob = np.array([0.5, 0.125], np.float32)
+    # cos = [[0.8, 0], [0.96, 0.8]], / T=0.5; -0.5 log q = [0.34657, 1.03972]
+    logits = np.array([[1.6 + 0.34657, 0.0 + 1.03972],
+                       [1.92 + 0.34657, 1.6 + 1.03972]])
+    want = -(logits[0, 0] - np.log(np.exp(logits[0]).sum())) \
+        - (logits[1, 1] - np.log(np.exp(logits[1]).sum()))
+    batch = {"item_prob": tf.constant(prob)}
+    half = InBatchSoftmax(0.5, logq_correction=True, logq_weight=0.5,
+                          remove_accidental_hits=False)
+    np.testing.assert_allclose(float(half(tf.constant(Q), tf.constant(cands), batch)), want,
+                               rtol=1e-5)
+    none = InBatchSoftmax(0.5, logq_correction=True, logq_weight=0.0,
+                          remove_accidental_hits=False)
+    off = InBatchSoftmax(0.5, logq_correction=False, remove_accidental_hits=False)
+    np.testing.assert_allclose(float(none(tf.constant(Q), tf.constant(cands), batch)),
+                               float(off(tf.constant(Q), tf.constant(cands), batch)), rtol=1e-6)
+    # listwise: negatives' logits cos/T - 0.5 neg_logq
+    logq = np.array([[-1.0, 0.0], [0.5, 2.0]], np.float32)
+    lw = {"neg_valid": tf.constant(VALID), "neg_logq": tf.constant(logq)}
+    # q0: [0.8, 0, 1] / 0.5 -> [1.6, 0 + 0.5, 2 - 0]; q1: [1.6, 1.2 - 0.25] (its 2nd invalid)
+    rows = [np.array([1.6, 0.5, 2.0]), np.array([1.6, 0.95])]
+    want = sum(-(r[0] - np.log(np.exp(r).sum())) for r in rows)
+    np.testing.assert_allclose(run(Listwise(0.5, logq_correction=True, logq_weight=0.5), lw),
+                               want, rtol=1e-5)
+
+
 def test_hard_negatives_are_chosen_on_raw_scores_before_logq():
     """A popular negative the model scores high (cos 0.9, p 0.5) is harder than a
     rare one it scores low (cos 0.5, p 0.001): mining keeps the popular one even
@@ -174,7 +204,7 @@ def test_every_kind_is_reachable_from_the_config(kind, cls):
 def test_every_loss_has_an_honest_config(kind):
     """The options the registry passes are the config, and from_config rebuilds them."""
     config = ObjectiveConfig(kind=kind, temperature=0.3, margin=0.4, sigma=5.0,
-                             l2_regularization=0.01, logq_correction=False)
+                             l2_regularization=0.01, logq_correction=True, logq_weight=0.25)
     loss = make_objective(config)
     options = {name: loss.get_config()[name] for name in OBJECTIVES[kind].loss_options}
     assert options == {name: getattr(config, name) for name in OBJECTIVES[kind].loss_options}

@@ -30,6 +30,7 @@ SWITCHES: dict[str, Callable[[object], bool]] = {
     "objective.num_hard_negatives": lambda c: bool(c.objective.num_hard_negatives),
     "objective.unobserved_per_row": lambda c: bool(c.objective.unobserved_per_row),
     "objective.logq=streaming": lambda c: c.objective.logq == "streaming",
+    "objective.logq_weight": lambda c: c.objective.logq_weight != 1.0,
     "sampling.negatives.extra_candidates": lambda c: bool(c.sampling.negatives.extra_candidates),
     "sampling.negatives.hard_fraction": lambda c: bool(c.sampling.negatives.hard_fraction),
 }
@@ -65,13 +66,28 @@ def _streaming_logq_fits(config) -> None:
                          "probability comes from the static counts)")
 
 
+def _logq_weight_fits(config) -> None:
+    objective = config.objective
+    if objective.logq_weight != 1.0 and not objective.logq_correction:
+        raise ValueError(f"objective.logq_weight={objective.logq_weight:g} weighs the logQ "
+                         "correction, but objective.logq_correction is false: set it to "
+                         "true, or drop logq_weight")
+
+
+def _in_batch_checks(config) -> None:
+    _streaming_logq_fits(config)
+    _logq_weight_fits(config)
+
+
 _PER_QUERY = frozenset({"sampling.negatives.hard_fraction"})
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "in_batch_softmax": ObjectiveEntry(
         "InBatchSoftmax", "in_batch",
-        ("temperature", "logq_correction", "remove_accidental_hits", "num_hard_negatives"),
+        ("temperature", "logq_correction", "logq_weight", "remove_accidental_hits",
+         "num_hard_negatives"),
         frozenset({"objective.num_hard_negatives", "objective.logq=streaming",
-                   "sampling.negatives.extra_candidates"}), check=_streaming_logq_fits),
+                   "objective.logq_weight", "sampling.negatives.extra_candidates"}),
+        check=_in_batch_checks),
     "matrix_factorization": ObjectiveEntry(
         "MatrixFactorization", "labelled", ("l2_regularization",),
         frozenset({"objective.unobserved_per_row"}), check=_plain_id_towers),
@@ -79,8 +95,9 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "pairwise_hinge": ObjectiveEntry("PairwiseHinge", "per_query", ("margin",), _PER_QUERY),
     "pairwise_logistic": ObjectiveEntry("PairwiseLogistic", "per_query", ("sigma",),
                                         _PER_QUERY),
-    "listwise": ObjectiveEntry("Listwise", "per_query", ("temperature", "logq_correction"),
-                               _PER_QUERY),
+    "listwise": ObjectiveEntry("Listwise", "per_query",
+                               ("temperature", "logq_correction", "logq_weight"),
+                               _PER_QUERY | {"objective.logq_weight"}, check=_logq_weight_fits),
 }
 OBJECTIVE_KINDS = tuple(OBJECTIVES)
 

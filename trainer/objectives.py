@@ -47,8 +47,9 @@ class InBatchSoftmax(tf.keras.layers.Layer):
 
     Each query's negatives are the other candidates of its batch. An item
     shows up among them in proportion to its sampling probability q_i, so
-    its logit is corrected by -log q_i (``batch["candidate_prob"]`` [B + E]
-    when extra candidates are mixed in, else ``batch["item_prob"]`` [B]).
+    its logit is corrected by -w log q_i (``batch["candidate_prob"]`` [B + E]
+    when extra candidates are mixed in, else ``batch["item_prob"]`` [B], static
+    or streaming; w = ``logq_weight``, 1 = the full correction).
     ``batch["score_mask"]`` [B, B + E] (optional) drops pairs that must not
     be negatives (the user's own clicked/exposed items). With
     ``num_hard_negatives`` only the k negatives the model scores highest (raw
@@ -58,10 +59,12 @@ class InBatchSoftmax(tf.keras.layers.Layer):
     """
 
     def __init__(self, temperature: float = 0.2, logq_correction: bool = True,
-                 remove_accidental_hits: bool = True, num_hard_negatives=None, **kwargs):
+                 logq_weight: float = 1.0, remove_accidental_hits: bool = True,
+                 num_hard_negatives=None, **kwargs):
         super().__init__(**kwargs)
         self.temperature = temperature
         self.logq_correction = logq_correction
+        self.logq_weight = logq_weight
         self.remove_accidental_hits = remove_accidental_hits
         self.num_hard_negatives = num_hard_negatives
         self.task = tfrs.tasks.Retrieval(
@@ -76,6 +79,10 @@ class InBatchSoftmax(tf.keras.layers.Layer):
             # the softmax unchanged, and keeps items down to 1e-6 x the most
             # popular one exactly corrected (not only those with q >= 1e-6).
             prob = prob / tf.reduce_max(prob)
+            if self.logq_weight != 1.0:
+                # TFRS subtracts log(q^w) = w log q; above w = 1 exact for items
+                # down to 1e-6^(1/w) x the batch's most popular one
+                prob = prob ** self.logq_weight
         ids = batch.get("candidate_row", batch.get("item_row"))
         mask = batch.get("score_mask")
         if self.num_hard_negatives:
@@ -169,21 +176,23 @@ class Listwise(_PerQuery):
     """Softmax cross-entropy over one positive and its N negatives: -log s+.
 
     Logits are cos / T. With ``logq_correction`` each sampled negative's logit
-    is reduced by ``batch["neg_logq"]`` [B, N] = log(N_easy q_i), its expected
-    count under the sampler (sampled-softmax correction); hard negatives carry
-    0 there (no known proposal). The positive is not a draw, so it is never
-    corrected.
+    is reduced by w ``batch["neg_logq"]`` [B, N] = w log(N_easy q_i), log of its
+    expected count under the sampler (sampled-softmax correction; w =
+    ``logq_weight``, 1 = full); hard negatives carry 0 there (no known
+    proposal). The positive is not a draw, so it is never corrected.
     """
 
-    def __init__(self, temperature: float = 0.2, logq_correction: bool = True, **kwargs):
+    def __init__(self, temperature: float = 0.2, logq_correction: bool = True,
+                 logq_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.temperature = temperature
         self.logq_correction = logq_correction
+        self.logq_weight = logq_weight
 
     def loss_from_scores(self, pos, neg, valid, batch):
         neg = neg / self.temperature
         if self.logq_correction and batch.get("neg_logq") is not None:
-            neg = neg - batch["neg_logq"]
+            neg = neg - self.logq_weight * batch["neg_logq"]
         neg = tf.where(valid > 0, neg, _MASKED)
         logits = tf.concat([pos[:, None] / self.temperature, neg], axis=1)
         return -tf.reduce_sum(tf.nn.log_softmax(logits, axis=1)[:, 0])

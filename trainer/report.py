@@ -48,6 +48,12 @@ def _split_notes(metrics: dict) -> list[str]:
     return notes
 
 
+def _logq(objective) -> str:
+    if not objective.logq_correction:
+        return "off"
+    return "on" if objective.logq_weight == 1.0 else f"on, weight {objective.logq_weight:g}"
+
+
 def write_report(out: Path, config, metrics: dict, history: dict) -> None:
     ks = sorted(config.evaluation.ks)
     plot_training(history, metrics, ks, out / "training.png")
@@ -57,7 +63,7 @@ def write_report(out: Path, config, metrics: dict, history: dict) -> None:
         f"- data: {metrics['dataset']}, protocol `{metrics['protocol']}`, "
         f"{metrics['train_positives']} training positives",
         f"- objective: {config.objective.kind}, temperature {config.objective.temperature}, "
-        f"logQ {'on' if config.objective.logq_correction else 'off'}",
+        f"logQ {_logq(config.objective)}",
         f"- training: {metrics['epochs_run']} epochs in {metrics['train_seconds']:.1f} s",
         f"- test: {metrics['model']['test_pairs']} pairs from "
         f"{metrics['model']['test_users']} users, catalog {metrics['model']['catalog_size']}",
