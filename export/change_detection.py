@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
+from export.catalog import id_index
 from export.run_artifacts import feature_columns, string_values
 
 FINGERPRINTS_FILE = "catalog_fingerprints.parquet"   # in a version's assets.extra/
@@ -65,7 +66,7 @@ def catalog_fingerprints(items: pd.DataFrame, candidate_spec: list[dict],
     else:
         raise FullBuildNeeded(f"catalog fingerprints of format {fmt}: this code knows "
                               f"formats 1 to {FINGERPRINT_FORMAT}")
-    return pd.Series(hashes, index=pd.Index(items["item_id"].astype(str), name="item_id"),
+    return pd.Series(hashes, index=id_index(items["item_id"]).rename("item_id"),
                      name="fingerprint")
 
 
@@ -90,7 +91,7 @@ def read_fingerprints(version_dir: Path) -> tuple[pd.Series, int]:
     fmt = int((table.schema.metadata or {}).get(_FORMAT_KEY, b"1"))
     table = table.to_pandas()
     return pd.Series(table["fingerprint"].to_numpy(np.uint64),
-                     index=pd.Index(table["item_id"].astype(str), name="item_id")), fmt
+                     index=id_index(table["item_id"]).rename("item_id")), fmt
 
 
 _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
@@ -332,8 +333,8 @@ def compare_towers(old: TowerState, new: TowerState, id_feature: str) -> IdRowCh
         raise FullBuildNeeded(f"the out-of-vocabulary rows of {table} changed")
     return IdRowChanges(
         variable,
-        pd.Series(old_values, index=pd.Index(old_keys.astype(str))),
-        pd.Series(new_values, index=pd.Index(new_keys.astype(str))),
+        pd.Series(old_values, index=id_index(old_keys)),
+        pd.Series(new_values, index=id_index(new_keys)),
         changed, bool(any(changed[r] for r in new_oov)))
 
 
@@ -390,7 +391,7 @@ def plan_update(index_ids: np.ndarray, old_fingerprints: pd.Series,
                 new_fingerprints: pd.Series, id_changes: IdRowChanges) -> UpdatePlan:
     """Compare the previous index's items with the new catalog (ids matched by
     position where they line up, ``rows_of``; fingerprints and ids unique)."""
-    index_ids = np.asarray(index_ids).astype(str).astype(object)
+    index_ids = id_index(index_ids).to_numpy()
     fp_row = rows_of(index_ids, old_fingerprints.index.to_numpy(dtype=object))
     if len(index_ids) != len(old_fingerprints) or (fp_row < 0).any():
         raise FullBuildNeeded("the previous version's catalog fingerprints do not list "

@@ -21,7 +21,7 @@ import pandas as pd
 import scann  # noqa: F401  - registers the Scann>* ops for saving and session loading
 import tensorflow as tf
 
-from export.catalog import embed_catalog
+from export.catalog import embed_catalog, id_index
 from export.change_detection import (FullBuildNeeded, catalog_fingerprints, tower_state,
                                      write_fingerprints, write_tower_state)
 from export.ground_truth import ExactLists, full_lists, write_lists
@@ -109,7 +109,7 @@ class _Context:
         """The catalog's ids (str) as an Index: id -> row, its hash table built
         once per export (~0.3 s at 1M items) for every check that looks rows up."""
         if self._row_of is None:
-            self._row_of = pd.Index(np.asarray(self.catalog_ids).astype(str))
+            self._row_of = id_index(self.catalog_ids)
         return self._row_of
 
 
