@@ -140,15 +140,21 @@ def _export(ctx: _Context, model_base: Path, options: ExportOptions,
         _exact_truth(ctx)  # shared, read-only, by both retrieval models' checks
     with StagedVersion(model_base, list(options.models), version) as stage:
         dirs = {name: stage.dir(name) for name in options.models}  # publish order
+        started = time.perf_counter()
         built = _build_concurrently(
             [name for name in _BUILD_ORDER if name in dirs],
             lambda name: _timed(_build_model, name, ctx, dirs[name], tuning, prebuilt, checks))
+        ctx.seconds["build_and_check"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
         for name in options.models:
-            meta, seconds, model = built[name]
+            model = built[name][2]
             if model is not None:  # timed here, one model at a time, never beside a build
                 with model:
-                    meta["latency"] = _latency(model, ctx.user_inputs,
-                                               checks.latency_probes + 1)
+                    built[name][0]["latency"] = _latency(model, ctx.user_inputs,
+                                                         checks.latency_probes + 1)
+        ctx.seconds["latency_probes"] = round(time.perf_counter() - started, 2)
+        for name in options.models:
+            meta, seconds, _ = built[name]
             meta.update(_common_metadata(name, version, ctx))
             meta.update(extra_metadata or {})
             meta["export_seconds"] = seconds
