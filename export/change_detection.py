@@ -28,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tensorflow as tf
 
-from export.run_artifacts import feature_columns
+from export.catalog import id_index
+from export.run_artifacts import feature_columns, string_values
 
 FINGERPRINTS_FILE = "catalog_fingerprints.parquet"   # in a version's assets.extra/
 TOWER_STATE_FILE = "candidate_tower_state.npz"       # ... beside it
@@ -43,32 +46,113 @@ class FullBuildNeeded(Exception):
 
 # -- catalog rows ---------------------------------------------------------------------
 
-def catalog_fingerprints(items: pd.DataFrame, candidate_spec: list[dict]) -> pd.Series:
+# How ``catalog_fingerprints`` hashes, stored with the fingerprints (parquet schema
+# metadata): 1 = pandas.util.hash_pandas_object over the input columns (versions
+# exported before 2026-12-01; a file without the field), 2 = _input_hashes.
+FINGERPRINT_FORMAT = 2
+_FORMAT_KEY = b"fingerprint_format"
+
+
+def catalog_fingerprints(items: pd.DataFrame, candidate_spec: list[dict],
+                         fmt: int = FINGERPRINT_FORMAT) -> pd.Series:
     """uint64 per item (index: item_id) over the columns the candidate tower reads,
-    coerced as the tower gets them, so two rows with equal inputs hash equal."""
-    columns = feature_columns(items, candidate_spec, "item table")
-    table = pd.DataFrame(columns)
-    hashes = pd.util.hash_pandas_object(table, index=False).to_numpy(dtype=np.uint64)
-    return pd.Series(hashes, index=pd.Index(items["item_id"].astype(str), name="item_id"),
+    coerced as the tower gets them, so two rows with equal inputs hash equal;
+    ``fmt``: a FINGERPRINT_FORMAT this code knows (else FullBuildNeeded)."""
+    if fmt == 1:
+        table = pd.DataFrame(feature_columns(items, candidate_spec, "item table"))
+        hashes = pd.util.hash_pandas_object(table, index=False).to_numpy(dtype=np.uint64)
+    elif fmt == 2:
+        hashes = _input_hashes(items, candidate_spec)
+    else:
+        raise FullBuildNeeded(f"catalog fingerprints of format {fmt}: this code knows "
+                              f"formats 1 to {FINGERPRINT_FORMAT}")
+    return pd.Series(hashes, index=id_index(items["item_id"]).rename("item_id"),
                      name="fingerprint")
 
 
-def write_fingerprints(version_dir: Path, fingerprints: pd.Series) -> Path:
+def write_fingerprints(version_dir: Path, fingerprints: pd.Series,
+                       fmt: int = FINGERPRINT_FORMAT) -> Path:
     path = Path(version_dir) / "assets.extra" / FINGERPRINTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fingerprints.reset_index().to_parquet(path, index=False)
+    table = pa.Table.from_pandas(fingerprints.reset_index(), preserve_index=False)
+    pq.write_table(table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), _FORMAT_KEY: str(fmt).encode()}), path)
     return path
 
 
-def read_fingerprints(version_dir: Path) -> pd.Series:
+def read_fingerprints(version_dir: Path) -> tuple[pd.Series, int]:
+    """The fingerprints stored with a version and their format."""
     path = Path(version_dir) / "assets.extra" / FINGERPRINTS_FILE
     if not path.is_file():
         raise FullBuildNeeded(f"{path} is missing (the version was exported before "
                               "incremental export existed), so changed catalog rows "
                               "cannot be told apart")
-    table = pd.read_parquet(path)
+    table = pq.read_table(path)
+    fmt = int((table.schema.metadata or {}).get(_FORMAT_KEY, b"1"))
+    table = table.to_pandas()
     return pd.Series(table["fingerprint"].to_numpy(np.uint64),
-                     index=pd.Index(table["item_id"].astype(str), name="item_id"))
+                     index=id_index(table["item_id"]).rename("item_id")), fmt
+
+
+_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping)."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX[0]
+    x = (x ^ (x >> np.uint64(27))) * _MIX[1]
+    return x ^ (x >> np.uint64(31))
+
+
+def _input_hashes(items: pd.DataFrame, candidate_spec: list[dict]) -> np.ndarray:
+    """Format 2: uint64 [n] over each feature's value in spec order, vectorised
+    (numpy over the values' bytes, no per-row Python): a string's UTF-8 bytes in
+    8-byte words, each word mixed with its position, summed, mixed with the
+    length; a number's bits. The columns are combined in order, each salted with
+    its position. Same inputs, same hash, in any process."""
+    numbers = [f for f in candidate_spec if f["dtype"] != "string"]
+    numeric = feature_columns(items, numbers, "item table")   # coerced, checked
+    strings = [f["name"] for f in candidate_spec if f["dtype"] == "string"]
+    feature_columns(items.iloc[:0], [f for f in candidate_spec if f["name"] in strings],
+                    "item table")   # names every missing column as the tower would
+    out = np.zeros(len(items), np.uint64)
+    for i, f in enumerate(candidate_spec):
+        salt = np.uint64((i + 1) * 0x9E3779B97F4A7C15 % 2**64)
+        if f["dtype"] == "string":
+            h = _string_hashes(pa.array(string_values(items[f["name"]]), pa.large_string()),
+                               salt)
+        else:
+            v = np.ascontiguousarray(numeric[f["name"]])
+            h = _mix(v.view(f"u{v.itemsize}").astype(np.uint64) ^ salt)
+        out = _mix(out * np.uint64(0x100000001B3) + h)
+    return out
+
+
+def _string_hashes(arr, salt: np.uint64, chunk: int = 1 << 16) -> np.ndarray:
+    """uint64 per string of a pyarrow large_string array without nulls, ``chunk``
+    strings at a time (small temporaries: fresh memory is what costs here)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    out = np.empty(len(arr), np.uint64)
+    for start in range(0, len(arr), chunk):
+        part = arr.slice(start, chunk)
+        _, offsets, data = part.buffers()
+        offsets = np.frombuffer(offsets, np.int64, len(part) + 1, part.offset * 8)
+        first, last = int(offsets[0]), int(offsets[-1])
+        data = (np.frombuffer(data, np.uint8, last - first, first) if last > first
+                else np.zeros(0, np.uint8))
+        lengths = np.diff(offsets)
+        pos = np.arange(len(data)) - np.repeat(offsets[:-1] - first, lengths)  # in its string
+        shifted = data.astype(np.uint64) << ((pos & 7) * 8).astype(np.uint64)
+        word_starts = np.flatnonzero((pos & 7) == 0)
+        words = (np.bitwise_or.reduceat(shifted, word_starts) if len(word_starts)
+                 else np.zeros(0, np.uint64))
+        mixed = _mix(words ^ _mix((pos[word_starts] >> 3).astype(np.uint64) ^ salt))
+        total = np.concatenate([np.zeros(1, np.uint64), np.cumsum(mixed, dtype=np.uint64)])
+        bounds = np.concatenate([[0], np.cumsum((lengths + 7) // 8)])
+        out[start:start + len(part)] = _mix((total[bounds[1:]] - total[bounds[:-1]])
+                                            ^ _mix(lengths.astype(np.uint64) + salt))
+    return out
 
 
 # -- towers ---------------------------------------------------------------------------
@@ -249,8 +333,8 @@ def compare_towers(old: TowerState, new: TowerState, id_feature: str) -> IdRowCh
         raise FullBuildNeeded(f"the out-of-vocabulary rows of {table} changed")
     return IdRowChanges(
         variable,
-        pd.Series(old_values, index=pd.Index(old_keys.astype(str))),
-        pd.Series(new_values, index=pd.Index(new_keys.astype(str))),
+        pd.Series(old_values, index=id_index(old_keys)),
+        pd.Series(new_values, index=id_index(new_keys)),
         changed, bool(any(changed[r] for r in new_oov)))
 
 
@@ -307,7 +391,7 @@ def plan_update(index_ids: np.ndarray, old_fingerprints: pd.Series,
                 new_fingerprints: pd.Series, id_changes: IdRowChanges) -> UpdatePlan:
     """Compare the previous index's items with the new catalog (ids matched by
     position where they line up, ``rows_of``; fingerprints and ids unique)."""
-    index_ids = np.asarray(index_ids).astype(str).astype(object)
+    index_ids = id_index(index_ids).to_numpy()
     fp_row = rows_of(index_ids, old_fingerprints.index.to_numpy(dtype=object))
     if len(index_ids) != len(old_fingerprints) or (fp_row < 0).any():
         raise FullBuildNeeded("the previous version's catalog fingerprints do not list "

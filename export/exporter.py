@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,7 +21,7 @@ import pandas as pd
 import scann  # noqa: F401  - registers the Scann>* ops for saving and session loading
 import tensorflow as tf
 
-from export.catalog import embed_catalog
+from export.catalog import embed_catalog, id_index
 from export.change_detection import (FullBuildNeeded, catalog_fingerprints, tower_state,
                                      write_fingerprints, write_tower_state)
 from export.ground_truth import ExactLists, full_lists, write_lists
@@ -108,7 +109,7 @@ class _Context:
         """The catalog's ids (str) as an Index: id -> row, its hash table built
         once per export (~0.3 s at 1M items) for every check that looks rows up."""
         if self._row_of is None:
-            self._row_of = pd.Index(np.asarray(self.catalog_ids).astype(str))
+            self._row_of = id_index(self.catalog_ids)
         return self._row_of
 
 
@@ -135,19 +136,67 @@ def _export(ctx: _Context, model_base: Path, options: ExportOptions,
         tuning = _tuning(ctx)
         ctx.seconds["tune"] = round(time.perf_counter() - started, 2)
     result = ExportResult(version, {})
+    if any(name.startswith("retrieval") for name in options.models):
+        _exact_truth(ctx)  # shared, read-only, by both retrieval models' checks
     with StagedVersion(model_base, list(options.models), version) as stage:
+        dirs = {name: stage.dir(name) for name in options.models}  # publish order
+        started = time.perf_counter()
+        built = _build_concurrently(
+            [name for name in _BUILD_ORDER if name in dirs],
+            lambda name: _timed(_build_model, name, ctx, dirs[name], tuning, prebuilt, checks))
+        ctx.seconds["build_and_check"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
         for name in options.models:
-            started = time.perf_counter()
-            meta = _build_model(name, ctx, stage.dir(name), tuning, prebuilt, checks)
+            model = built[name][2]
+            if model is not None:  # timed here, one model at a time, never beside a build
+                with model:
+                    built[name][0]["latency"] = _latency(model, ctx.user_inputs,
+                                                         checks.latency_probes + 1)
+        ctx.seconds["latency_probes"] = round(time.perf_counter() - started, 2)
+        for name in options.models:
+            meta, seconds, _ = built[name]
             meta.update(_common_metadata(name, version, ctx))
             meta.update(extra_metadata or {})
-            meta["export_seconds"] = round(time.perf_counter() - started, 2)
-            write_metadata(stage.dir(name), meta)
+            meta["export_seconds"] = seconds
+            write_metadata(dirs[name], meta)
             if options.native_check:
-                _native_check(stage.dir(name))
+                _native_check(dirs[name])
             result.metadata[name] = meta
         result.paths = stage.publish()
     return result
+
+
+# The retrieval models first: they take the longest (save ~0.6 GB, load, check).
+_BUILD_ORDER = ("retrieval", "retrieval_exact", "candidate_tower", "query_tower")
+BUILD_THREADS = 2
+
+
+def _build_concurrently(names: list[str], build) -> dict:
+    """name -> build(name) = (meta, seconds, open SessionModel or None),
+    ``BUILD_THREADS`` models at a time: saving and session-checking a model is
+    mostly TensorFlow and numpy work that releases the GIL, so two overlap on
+    two cores. The first failure is raised once every started build has ended
+    (builds not yet started are cancelled, the others' sessions closed)."""
+    pool = ThreadPoolExecutor(max_workers=BUILD_THREADS, thread_name_prefix="export")
+    futures = {name: pool.submit(build, name) for name in names}
+    try:
+        return {name: future.result() for name, future in futures.items()}
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures.values():
+            if future.done() and not future.cancelled() and future.exception() is None \
+                    and future.result()[2] is not None:
+                future.result()[2].session.close()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _timed(fn, *args):
+    """(*fn(*args), wall seconds)."""
+    started = time.perf_counter()
+    meta, model = fn(*args)
+    return meta, round(time.perf_counter() - started, 2), model
 
 
 def _context(run: TrainedRun, options: ExportOptions, items: Optional[pd.DataFrame] = None,
@@ -213,7 +262,7 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
                                           ("serving_default", _head(inputs, 8))])
         return {"signatures": {"serving_default": "raw features -> embedding"},
                 "source_digest": digest, "linked_from_version": linked,
-                **_step_seconds(started, saved)}
+                **_step_seconds(started, saved)}, None
 
     exact = name == "retrieval_exact"
     k = min(o.k, len(ctx.catalog_ids))
@@ -239,7 +288,7 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
         try:
             if checks.saved_arrays:
                 check_saved_arrays(name, out, _served_arrays(ctx, exact, prebuilt))
-            meta = _check_retrieval(name, out, ctx, k, exact, checks)
+            meta, model = _check_retrieval(name, out, ctx, k, exact, checks)
             meta.update(_step_seconds(indexed, saved))
             meta["seconds"]["index"] = round(indexed - started, 2)
             break
@@ -272,7 +321,7 @@ def _build_model(name: str, ctx: _Context, out: Path, tuning,
     meta["signatures"] = {
         "serving_default": "raw user features -> item_ids [None, k], scores [None, k]",
         "retrieve_excluding": f"... + {SEEN_INPUT} [None, None] (pad with \"\")"}
-    return meta
+    return meta, model
 
 
 def _link_unchanged_tower(previous: Optional[Path], digest: str, out: Path) -> Optional[int]:
@@ -317,24 +366,33 @@ def _served_arrays(ctx: _Context, exact: bool, prebuilt: Optional[PrebuiltScann]
     return arrays
 
 
+def _exact_truth(ctx: _Context) -> np.ndarray:
+    """Exact top-k catalog rows [Q, k] of the sampled users, the same for both
+    retrieval models of one export (computed once, before they are built)."""
+    k = min(ctx.options.k, len(ctx.catalog_ids))
+    if k not in ctx.truth:
+        if ctx.exact_lists is None:  # an incremental export carries them over
+            ctx.exact_lists = full_lists(ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
+                                         2 * k)
+        ctx.truth[k] = ctx.exact_lists.top_rows(k, ctx.row_of)
+    return ctx.truth[k]
+
+
 def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool,
-                     checks: RetrievalChecks = FULL_CHECKS) -> dict:
+                     checks: RetrievalChecks = FULL_CHECKS) -> tuple[dict, SessionModel]:
     """Session-run the staged model; exact must match numpy (on
     ``checks.exact_queries`` of the sampled users), ScaNN reach the recall on all.
 
-    The model is loaded once for all checks and the latency probe.
+    The model is loaded once, for all checks; it is returned open, for the
+    latency probe (closed here when a check fails).
     """
     n = len(ctx.query_emb)
     if exact and checks.exact_queries is not None:
         n = min(n, checks.exact_queries)
-    with SessionModel(out) as model:
+    model = SessionModel(out)
+    try:
         got = model.run(_head(ctx.user_inputs, n), batch_size=32)
-        if k not in ctx.truth:  # the same for both retrieval models of one export
-            if ctx.exact_lists is None:  # an incremental export carries them over
-                ctx.exact_lists = full_lists(ctx.query_emb, ctx.catalog_ids, ctx.catalog_emb,
-                                             2 * k)
-            ctx.truth[k] = ctx.exact_lists.top_rows(k, ctx.row_of)
-        truth_rows = ctx.truth[k][:n]
+        truth_rows = _exact_truth(ctx)[:n]
         truth_ids = ctx.catalog_ids[truth_rows]
         measured = recall(got["item_ids"], truth_ids)
         if exact:
@@ -352,8 +410,10 @@ def _check_retrieval(name: str, out: Path, ctx: _Context, k: int, exact: bool,
             if seen[0] in set(row):
                 raise ExportCheckError(f"{name}: retrieve_excluding returned the excluded "
                                        f"item {seen[0]}")
-        return {f"recall@{k}_vs_exact": round(measured, 4), "checked_queries": n,
-                "latency": _latency(model, ctx.user_inputs, checks.latency_probes + 1)}
+    except BaseException:
+        model.session.close()
+        raise
+    return {f"recall@{k}_vs_exact": round(measured, 4), "checked_queries": n}, model
 
 
 def _latency(model: SessionModel, inputs: dict, n: int = 301) -> dict:

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from export.catalog import id_index
 from export.scann_tuning import exact_top_k
 
 TRUTH_FILE = "exact_top.npz"   # in a retrieval version's assets.extra/
@@ -76,8 +77,8 @@ def updated_lists(previous: ExactLists, query_emb: np.ndarray, catalog_ids: np.n
     if previous.digest != query_digest(query_emb):
         return None
     m = previous.ids.shape[1]
-    row_of = pd.Index(np.asarray(catalog_ids, dtype=str)) if row_of is None else row_of
-    changed = pd.Index(np.asarray(changed_ids, dtype=str)).unique()
+    row_of = id_index(catalog_ids) if row_of is None else row_of
+    changed = id_index(changed_ids).unique()
     keep = (changed.get_indexer(previous.ids.ravel()) < 0).reshape(previous.ids.shape)
     keep &= previous.ids != ""
     fresh_rows = row_of.get_indexer(changed)

@@ -27,7 +27,8 @@ from typing import Union
 import numpy as np
 import tensorflow as tf
 
-from export.change_detection import (FullBuildNeeded, catalog_fingerprints, compare_towers,
+from export.change_detection import (FINGERPRINT_FORMAT, FullBuildNeeded,
+                                     catalog_fingerprints, compare_towers,
                                      plan_update, read_fingerprints, read_tower_state,
                                      tower_state)
 from export.exporter import (ExportOptions, ExportResult, PrebuiltScann, RecallTooLowError,
@@ -116,7 +117,11 @@ def _refresh(run: TrainedRun, model_base: Path, base: int, options: ExportOption
     detail.lap("compare_towers")
     items = read_items(options.items_path, run)
     fingerprints = catalog_fingerprints(items, run.spec["candidate"])
-    plan = plan_update(state.item_ids, read_fingerprints(base_dir), fingerprints, id_changes)
+    previous, fmt = read_fingerprints(base_dir)
+    # stored in an older format: this catalog hashed that way too, for the comparison
+    comparable = (fingerprints if fmt == FINGERPRINT_FORMAT
+                  else catalog_fingerprints(items, run.spec["candidate"], fmt))
+    plan = plan_update(state.item_ids, previous, comparable, id_changes)
     detail.lap("compare_catalog")
     seconds["detect"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
 

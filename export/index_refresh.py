@@ -21,6 +21,7 @@ conversion is file I/O, not re-encoding.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ import tensorflow_recommenders as tfrs
 from scann.scann_ops.py import scann_ops, scann_ops_pybind  # noqa: F401 (puts scann_pybind on the path)
 from scann.scann_ops.py.scann_ops_pybind_backcompat import populate_and_save_assets_proto
 
+from export.catalog import id_index
 from export.scann_tuning import ScannParams
-from export.serving_models import as_tensor
+from export.serving_models import aligned_empty, as_tensor
 from export.verify import checkpoint_keys
 
 # ScannState's tensors, in tensors_to_scann's argument order after `dataset`;
@@ -118,19 +120,22 @@ def refresh(state: IndexState, delete_ids, upsert_ids, upsert_vectors: np.ndarra
         dst.mkdir()
         _write_searcher_files(state, src)
         searcher = _load_searcher(src)
+        shutil.rmtree(src)  # its memory, for the files serialize writes next
         before = searcher.get_health_stats()
+        old_index = id_index(state.item_ids)  # one id -> row table, refresh and check
         ids = list(state.item_ids)
-        rows, moved = _delete_rows(ids, delete_ids)
+        rows, moved = _delete_rows(ids, old_index, delete_ids)
         if rows:
             searcher.delete(rows)
         if upsert_ids:
-            searcher.upsert(_upsert_rows(ids, state.item_ids, set(delete_ids), moved,
-                                         upsert_ids), upsert_vectors, upsert_batch)
+            searcher.upsert(_upsert_rows(ids, old_index, set(delete_ids), moved, upsert_ids),
+                            upsert_vectors, upsert_batch)
         after = searcher.get_health_stats()
         searcher.serialize(str(dst), False)
+        del searcher
         refreshed = IndexState(_read_searcher_files(dst, state.tensors),
                                np.asarray(ids, dtype=object))
-    _check_rows(state, refreshed, set(delete_ids), upsert_ids, upsert_vectors)
+    _check_rows(state, refreshed, set(delete_ids), upsert_ids, upsert_vectors, old_index)
     return RefreshResult(refreshed, before, after)
 
 
@@ -146,14 +151,15 @@ def _load_searcher(path: Path):
         return scann_pybind.ScannNumpy(str(path), f.read())
 
 
-def _delete_rows(ids: list, delete_ids: list) -> tuple[list, dict]:
+def _delete_rows(ids: list, old_index: pd.Index, delete_ids: list) -> tuple[list, dict]:
     """The rows to hand ScaNN's ``delete`` for ``delete_ids`` (unique), with ``ids``
-    updated as ScaNN moves its rows (each deletion moves the last row into the
-    freed one, as ScannSearcher.delete in scann_ops_pybind tracks it); also
-    item -> row of every remaining item that moved."""
+    (the index's items, ``old_index``'s order) updated as ScaNN moves its rows
+    (each deletion moves the last row into the freed one, as ScannSearcher.delete
+    in scann_ops_pybind tracks it); also item -> row of every remaining item that
+    moved."""
     if len(set(delete_ids)) != len(delete_ids):
         raise IndexStateError("ScaNN refresh: an item is deleted twice")
-    start = pd.Index(ids, dtype=object).get_indexer(delete_ids) if delete_ids else []
+    start = old_index.get_indexer(delete_ids) if delete_ids else []
     moved, rows = {}, []
     for item, row in zip(delete_ids, start):
         row = moved.pop(item, row)
@@ -168,13 +174,13 @@ def _delete_rows(ids: list, delete_ids: list) -> tuple[list, dict]:
     return rows, moved
 
 
-def _upsert_rows(ids: list, original: np.ndarray, deleted: set, moved: dict,
+def _upsert_rows(ids: list, original: pd.Index, deleted: set, moved: dict,
                  upsert_ids: list) -> list:
     """The rows to hand ScaNN's ``upsert`` (None: a new item, appended in order),
     with ``ids`` extended by the new items. ``ids`` is ``original`` after
     ``_delete_rows``: an item is at its original row unless it moved or was
     deleted (then it is inserted anew, as the wrapper does)."""
-    rows = pd.Index(original, dtype=object).get_indexer(upsert_ids)
+    rows = original.get_indexer(upsert_ids)
     out = []
     for item, row in zip(upsert_ids, rows):
         row = -1 if item in deleted else moved.get(item, row)
@@ -203,14 +209,30 @@ def _read_searcher_files(path: Path, previous: dict[str, np.ndarray]) -> dict[st
         if field in _PROTO_FIELDS:
             tensors[field] = np.array([(path / f"{field}.pb").read_bytes()], dtype=object)
         elif (path / f"{field}.npy").is_file():
-            tensors[field] = np.load(path / f"{field}.npy")
+            tensors[field] = _load_aligned(path / f"{field}.npy")
         else:
             tensors[field] = np.zeros((), previous[field].dtype)
     return tensors
 
 
+def _load_aligned(path: Path) -> np.ndarray:
+    """``np.load`` into a 64-byte aligned buffer, which the ScaNN layer's variables
+    then take without a copy (export.serving_models.as_tensor)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order or dtype.hasobject:
+            return np.load(path)
+        out = aligned_empty(shape, dtype)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+            raise IndexStateError(f"{path}: shorter than its header says")
+    return out
+
+
 def _check_rows(old: IndexState, new: IndexState, deleted: set, upsert_ids: list,
-                upsert_vectors: np.ndarray) -> None:
+                upsert_vectors: np.ndarray, old_index: pd.Index) -> None:
     """Every item of the refreshed index holds its expected vector, at its row:
     the old items less ``deleted``, each once, with its old vector unless it was
     upserted, and every upserted item with its new vector; nothing else.
@@ -220,9 +242,9 @@ def _check_rows(old: IndexState, new: IndexState, deleted: set, upsert_ids: list
     with whole-array comparisons and only the others are looked up: at 1M items
     one hash table of the old ids instead of one per lookup direction.
     """
-    ids, old_ids = new.item_ids, old.item_ids
+    ids, old_ids = new.item_ids, old.item_ids   # old_index: id_index(old_ids)
     n, n_old = len(ids), len(old_ids)
-    old_index = pd.Index(old_ids)   # get_indexer below refuses duplicate old ids
+    # (get_indexer below refuses duplicate old ids)
     upserted = pd.Index(upsert_ids, dtype=object)
     upsert_old_row = old_index.get_indexer(upserted)
     deleted_old_row = old_index.get_indexer(pd.Index(sorted(deleted), dtype=object))

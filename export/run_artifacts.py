@@ -89,6 +89,11 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     )
 
 
+def string_values(col: pd.Series) -> pd.Series:
+    """A string feature's column as the tower gets it: missing values "", all text."""
+    return col.fillna("").astype(str)
+
+
 def feature_columns(table: pd.DataFrame, features: list[dict], source: str) -> dict:
     """Numpy input columns for a tower from a table, coerced to the spec's dtypes."""
     out = {}
@@ -98,7 +103,7 @@ def feature_columns(table: pd.DataFrame, features: list[dict], source: str) -> d
                            f"(columns: {list(table.columns)})")
         col = table[f["name"]]
         if f["dtype"] == "string":
-            out[f["name"]] = col.fillna("").astype(str).to_numpy(dtype=object)
+            out[f["name"]] = string_values(col).to_numpy(dtype=object)
         else:
             values = pd.to_numeric(col, errors="coerce")
             bad = values.isna() & col.notna()

@@ -9,9 +9,12 @@ stored once, in the checkpoint, never as a constant in the GraphDef.
 """
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
+from scann.scann_ops.py import scann_ops
 from tensorflow.python.ops import gen_lookup_ops, lookup_ops
 from tensorflow.python.trackable.data_structures import NoDependency
 
@@ -33,12 +36,20 @@ def as_tensor(array: np.ndarray) -> tf.Tensor:
     if array.dtype.kind not in "fiu" or array.size == 0:
         return tf.constant(array)
     if not array.flags.c_contiguous or array.ctypes.data % _ALIGN:
-        buffer = np.empty(array.nbytes + _ALIGN, np.uint8)
-        start = -buffer.ctypes.data % _ALIGN
-        aligned = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+        aligned = aligned_empty(array.shape, array.dtype)
         aligned[...] = array
         array = aligned
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array on a 64-byte boundary (``as_tensor``
+    shares such an array's buffer instead of copying it)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -buffer.ctypes.data % _ALIGN
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def tower_module(tower, signature: dict[str, tf.TensorSpec]) -> tuple[tf.Module, dict]:
@@ -85,6 +96,35 @@ class IndexVariables(tf.Module):
                 setattr(self, attr, value)
 
 
+class SharedScaNNSearch:
+    """TFRS ScaNN layer's search (``layer(queries, k)`` -> scores, identifiers),
+    with the searcher built from the layer's ScannState under one ``shared_name``
+    per exported model. TFRS builds it through ``ScannState.recreate_handle``,
+    whose op has no shared name, so each served signature (serving_default,
+    retrieve_excluding) built its own searcher on its first call: twice the
+    searcher's memory, and ~1 s per signature at 1M items. With one name, the
+    second signature's op finds the first one's searcher in the session's
+    resource manager (a SavedModel session has its own; distinct exports get
+    distinct names, also where one process holds several, as eager loading does)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.shared_name = f"retrieval-scann-{uuid.uuid4()}"
+
+    def __call__(self, queries, k):
+        state = self.layer._serialized_searcher
+        handle = scann_ops.tensors_to_scann(
+            state.dataset, state.scann_config, state.serialized_partitioner,
+            state.datapoint_to_token, state.ah_codebook, state.hashed_dataset,
+            state.int8_dataset, state.int8_multipliers, state.dp_norms,
+            shared_name=self.shared_name)
+        searcher = scann_ops.ScannSearcher(handle)
+        result = (searcher.search_batched_parallel(queries, final_num_neighbors=k)
+                  if self.layer._parallelize_batch_searches
+                  else searcher.search_batched(queries, final_num_neighbors=k))
+        return result.distances, tf.gather(self.layer._identifiers, result.indices)
+
+
 class RowOfId(lookup_ops.TableInitializerBase):
     """id -> row (int64) table contents read from a [N] string variable when the
     table is initialized. A loader (TF Serving's, the session loader, TF2's)
@@ -124,7 +164,9 @@ class RetrievalModule(tf.Module):
         # Keras layer itself is not: saving it would trace its functions for Keras'
         # own loader (seconds per model), which no served signature uses
         self.index = IndexVariables(index)
-        self._search = NoDependency(index)
+        self._search = NoDependency(
+            SharedScaNNSearch(index) if isinstance(index, tfrs.layers.factorized_top_k.ScaNN)
+            else index)
         self.item_ids = tf.Variable(np.asarray(item_ids, dtype=object).astype(str),
                                     trainable=False, name="item_ids")
         self.row_of = tf.lookup.StaticHashTable(RowOfId(self.item_ids), default_value=-1)

@@ -17,6 +17,8 @@ import pandas as pd
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from export.catalog import id_index
+
 
 class ExportCheckError(RuntimeError):
     """An exported model that does not behave as the towers it came from."""
@@ -110,7 +112,7 @@ def check_exact_retrieval(item_ids: np.ndarray, scores: np.ndarray, query_emb: n
     if not np.allclose(scores, want, atol=1e-4):
         raise ExportCheckError("retrieval_exact: scores differ from a numpy brute force "
                                f"(max abs diff {np.abs(scores - want).max():.2e})")
-    row_of = pd.Index(catalog_ids.astype(str)) if row_of is None else row_of
+    row_of = id_index(catalog_ids) if row_of is None else row_of
     rows = row_of.get_indexer(item_ids.astype(str).ravel())
     if (rows < 0).any():
         raise ExportCheckError("retrieval_exact: returned ids that are not in the catalog")

@@ -12,7 +12,7 @@ from export.exporter import ExportOptions, export_run
 from export.metadata import read_metadata
 from export.run_artifacts import feature_columns, load_run
 from export.scann_tuning import ScannParams
-from export.verify import ExportCheckError, run_with_session
+from export.verify import ExportCheckError, SessionModel, run_with_session
 from export.versioning import VersionError, existing_versions
 
 K = 20
@@ -124,6 +124,35 @@ def test_served_ids_are_stored_once_in_the_checkpoint_not_the_graph(exported, ti
         np.testing.assert_array_equal(eager, session)
         for row, before in zip(session, plain):
             assert list(row[:K - 2]) == [before[1]] + list(before[3:K])
+
+
+def test_both_signatures_search_one_scann_searcher(exported, tiny_run):
+    """Every op that builds the ScaNN searcher from the saved state carries the same
+    shared name, unique to the export: the session builds one searcher for
+    serving_default and retrieve_excluding (TFRS's own layer built one per
+    signature), which both answer from."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    def names(version_dir):
+        model = saved_model_pb2.SavedModel()
+        model.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+        graph = model.meta_graphs[0].graph_def
+        # (ScannState's own recreate_handle is saved too, but no signature calls it)
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def
+                                    if "recreate_handle" not in f.signature.name]
+        return [n.attr["shared_name"].s.decode() for n in nodes if "TensorsToScann" in n.op]
+
+    base, _ = exported
+    found = names(base / "retrieval" / "1")
+    assert len(found) >= 2 and len(set(found)) == 1
+    assert found[0].startswith("retrieval-scann-")
+    assert not names(base / "retrieval_exact" / "1")
+    inputs = user_inputs(tiny_run.output_dir, 3)
+    with SessionModel(base / "retrieval" / "1") as model:   # one session, both signatures
+        plain = model.run(inputs)["item_ids"].astype(str)
+        excl = model.run({**inputs, "seen_item_ids": plain[:, :1]}, "retrieve_excluding")
+    for row, before in zip(excl["item_ids"].astype(str), plain):
+        assert list(row[:K - 1]) == list(before[1:K])
 
 
 def test_too_many_seen_ids_is_an_error(exported, tiny_run):

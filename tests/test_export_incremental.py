@@ -237,6 +237,32 @@ def test_carried_exact_lists_equal_a_brute_force_over_a_chain_of_updates():
         updated_lists(lists, queries, ids, emb, changed[:0], k)
 
 
+def test_a_base_with_fingerprints_of_the_first_format_is_still_refreshed(update, refreshed,
+                                                                        tiny_run, tmp_path):
+    """Version 1 as exported before fingerprint formats existed (pandas' hash, no
+    format field): the new catalog is hashed that way for the comparison, the
+    same items are re-embedded, and the new version stores the current format."""
+    from export.change_detection import (FINGERPRINT_FORMAT, FINGERPRINTS_FILE,
+                                         catalog_fingerprints, read_fingerprints)
+
+    base, child, items_path = update
+    old_base = tmp_path / "models"
+    for model in ("query_tower", "candidate_tower", "retrieval", "retrieval_exact"):
+        shutil.copytree(base / model / "1", old_base / model / "1")
+    spec = load_run(tiny_run.output_dir).spec["candidate"]
+    old = catalog_fingerprints(pd.read_parquet(tiny_run.output_dir / "items.parquet"), spec, 1)
+    old.reset_index().to_parquet(old_base / "retrieval" / "1" / "assets.extra" /
+                                 FINGERPRINTS_FILE, index=False)   # as the old code wrote it
+    assert read_fingerprints(old_base / "retrieval" / "1")[1] == 1
+    result = export_incremental(child, old_base, options(items_path))
+    u = result.metadata["retrieval"]["update"]
+    assert u["kind"] == "incremental"
+    assert u["reasons"] == refreshed.metadata["retrieval"]["update"]["reasons"]
+    stored, fmt = read_fingerprints(result.paths["retrieval"])
+    assert fmt == FINGERPRINT_FORMAT == 2
+    assert stored.tolist() == catalog_fingerprints(pd.read_parquet(items_path), spec).tolist()
+
+
 def test_fallback_to_full_export_above_the_threshold(update, refreshed):
     base, child, items_path = update
     result = export_incremental(child, base, options(items_path),

@@ -3,6 +3,7 @@ expected items with their expected vectors, whatever rows ScaNN moved them to.""
 import numpy as np
 import pytest
 
+from export.catalog import id_index
 from export.index_refresh import IndexState, IndexStateError, _check_rows
 
 D = 4
@@ -29,7 +30,8 @@ def _scenario():
 
 
 def _check(old, ids, vectors, deleted, upsert_ids, upsert_vectors):
-    _check_rows(old, _state(ids, vectors), deleted, upsert_ids, upsert_vectors)
+    _check_rows(old, _state(ids, vectors), deleted, upsert_ids, upsert_vectors,
+                id_index(old.item_ids))
 
 
 def test_a_correct_refresh_passes():
@@ -133,9 +135,10 @@ def test_row_bookkeeping_equals_scann_wrappers():
         if upserts:
             wrapper.upsert(upserts, np.zeros((len(upserts), D), np.float32))
         ids = list(original)
-        rows, moved = _delete_rows(ids, deleted)
+        rows, moved = _delete_rows(ids, id_index(original), deleted)
         ours = [("delete", rows)] if rows else []
         if upserts:
-            ours.append(("upsert", _upsert_rows(ids, original, set(deleted), moved, upserts)))
+            ours.append(("upsert", _upsert_rows(ids, id_index(original), set(deleted), moved,
+                                                 upserts)))
         assert ours == wrapper.searcher.calls
         assert ids == wrapper.docids
