@@ -171,8 +171,9 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
                else TrainingBatches(prepared, config))
     data = dist.fit_input(batches, tc.batch_size, tc.seed)
     ds = batches.dataset(tc.batch_size, tc.seed) if data is None else data.dataset
-    with dist.scope():   # build variables so BackupAndRestore can restore them all
-        model(next(iter(ds)) if data is None else data.sample)
+    if not model.built:   # make the variables so BackupAndRestore can restore them all
+        with dist.scope():
+            model(next(iter(ds)) if data is None else data.sample)
     dist.prepare_model(model, batches)
     backup = dist.backup_dir(out)
     # Every finished epoch's logs, across interruptions: a resumed fit only

@@ -39,8 +39,8 @@ from trainer.train import evaluate_model, fit, run_metrics
 from updates import gate as gates
 from updates.lineage import (PUBLISHED_FILE, UPDATE_FILE, latest_run, next_run_dir,
                              read_update, update_lock, write_json_atomic)
-from updates.model_state import (freeze_all_but_ids, id_encoders, lazy_sparse_updates,
-                                 restore_model, set_vocabularies, switch_optimizer, unfreeze)
+from updates.model_state import (configured_optimizer, freeze_all_but_ids, id_encoders,
+                                 restore_model, set_vocabularies, unfreeze)
 from updates.publish import (PublishOptions, describe_index, prune, publish_run,
                              repair_cut_publish)
 from updates.vocabulary import IdStats, plan_vocabulary
@@ -226,16 +226,13 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     tf.keras.utils.set_random_seed(config.training.seed)
     tc = config.training
     sample = next(iter(TrainingBatches(prepared, config).dataset(tc.batch_size, tc.seed)))
-    model = restore_model(parent, sample)
+    model = restore_model(parent, sample, lazy_sparse=kind == "incremental")
     stats, vocabulary = _grow(model, parent, prepared, options, since, until)
-    optimizer_class = lazy_sparse_updates(model) if kind == "incremental" else None
     frozen = freeze_all_but_ids(model) if kind == "incremental" else []
     seconds = {"prepare": round(time.perf_counter() - started, 2)}   # window, restore, grow
     fitted = fit(model, prepared, config, staging, options.verbose)
     seconds["train"] = round(fitted.train_seconds, 2)
     unfreeze(model, frozen)
-    if optimizer_class is not None:
-        switch_optimizer(model, optimizer_class)   # the run saves its configured optimizer
 
     started = time.perf_counter()
     evaluation = evaluate_model(model, prepared, config.evaluation.ks)
@@ -252,7 +249,8 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     started = time.perf_counter()
     metrics = run_metrics(config, prepared, fitted, evaluation)
     save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
-                       metrics, fitted.history, towers=options.servable)
+                       metrics, fitted.history, towers=options.servable,
+                       optimizer=configured_optimizer(model))
     stats.save(staging)
     test_ts = prepared.splits.test["timestamp"]
     write_json_atomic(staging / UPDATE_FILE, {
