@@ -17,8 +17,9 @@ period (ML-100K: the first third of the weeks); then, per period, the schedules:
 Each served model is scored on the clicks between its publication and the
 next one (temporal: each user's earlier clicks excluded, catalog = items
 alive in that span): HR@10 / HR@100 per period. Updates go through
-updates.update.train_candidate (restore, grow, train, gate); the last
-``--export-periods`` periods of full+inc also export and publish for real,
+updates.update.train_candidate (restore, grow, train, gate); the first
+``--export-periods`` periods of full+inc with a full update also export and
+publish for real (while the other schedules train, not alone at the end),
 which gives the wall times per update kind split into prepare / train /
 gate / save / export / publish. The other updates are committed without an
 export (marked ``"exported": false`` in published.json, and without tower
@@ -181,6 +182,9 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
     runs = work / schedule.replace(" ", "_") / "runs"
     shutil.copytree(initial, runs)
     models = work / schedule.replace(" ", "_") / "models"
+    # the updates that are not exported gate against no served version, as
+    # they would with nothing published (not against the exported period's)
+    unpublished = work / schedule.replace(" ", "_") / "unpublished"
     model = _restored(runs / "initial", world)
     events = update_times(schedule, start, period, periods, warmup, per_day)
     served_from = start + warmup * period
@@ -195,7 +199,11 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
             a = b
         if kind is None:
             break
-        exported = (schedule == "full+inc" and t >= end - export_periods * period)
+        # the first periods with a full update, so that their exports run while
+        # the other schedules train instead of alone at the end
+        exported = (schedule == "full+inc"
+                    and start + (warmup + 1) * period <= t
+                    < start + (warmup + 1 + export_periods) * period)
         # a full update trains on the last period (a week for ML-100K, not the
         # CLI's default day); an incremental one on everything since its parent.
         # Runs that are never exported skip their tower SavedModels.
@@ -209,7 +217,7 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
                 seconds = dict(result.seconds, index=result.index)
                 model = None
             else:
-                cand = train_candidate(kind, runs, models, options)
+                cand = train_candidate(kind, runs, unpublished, options)
                 run_dirs.commit(cand.out)
                 write_json_atomic(cand.out / PUBLISHED_FILE, {"exported": False})
                 seconds, model = cand.seconds, cand.model
@@ -247,7 +255,8 @@ def main(argv=None):
     p.add_argument("--ml100k-per-week", type=int, default=None,
                    help="incremental updates per ML-100K week (default: --per-day)")
     p.add_argument("--export-periods", type=int, default=1,
-                   help="last periods of full+inc that also export and publish")
+                   help="periods of full+inc that also export and publish: the first "
+                        "ones with a full update")
     p.add_argument("--workers", type=int, default=3,
                    help="processes replaying schedules side by side (default 3: the three "
                         "long schedules at once), the cores split between their TF thread "

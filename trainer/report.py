@@ -48,9 +48,11 @@ def _split_notes(metrics: dict) -> list[str]:
     return notes
 
 
-def write_report(out: Path, config, metrics: dict, history: dict) -> None:
+def write_report(out: Path, config, metrics: dict, history: dict, plot: bool = True) -> None:
+    """report.md, and training.png beside it unless ``plot`` is False."""
     ks = sorted(config.evaluation.ks)
-    plot_training(history, metrics, ks, out / "training.png")
+    if plot:
+        plot_training(history, metrics, ks, out / "training.png")
     text = [
         f"# Run `{config.name}`",
         "",
@@ -71,8 +73,7 @@ def write_report(out: Path, config, metrics: dict, history: dict) -> None:
         "recommended to anyone. Popularity bias: mean popularity percentile of "
         "recommended items (1 = most popular).",
         "",
-        "![training](training.png)",
-        "",
+        *(["![training](training.png)", ""] if plot else []),
     ]
     (out / "report.md").write_text("\n".join(text), encoding="utf-8")
 

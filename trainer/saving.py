@@ -106,8 +106,9 @@ def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos,
                        metrics: dict, history: dict, towers: bool = True,
                        optimizer=None) -> None:
     """``train_pos``: the training clicks, a DataFrame or an iterable of them.
-    ``towers=False`` leaves out the tower SavedModels (half the save), for runs
-    that are only ever restored by a model update, never exported (replays).
+    ``towers=False`` leaves out the tower SavedModels (half the save) and the
+    report's plot, for runs that are only ever restored by a model update,
+    never exported or looked at (replays).
     ``optimizer``: the config recorded for it (``save_model_state``)."""
     if towers:
         save_tower(model.query_tower, out / "towers" / "query")
@@ -123,4 +124,4 @@ def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos,
     write_seen(out / "seen.parquet", train_pos)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    write_report(out, config, metrics, history)
+    write_report(out, config, metrics, history, plot=towers)

@@ -77,10 +77,14 @@ class UpdateOptions:
     expire_days: Optional[float] = None
     publish: PublishOptions = field(default_factory=PublishOptions)
     rebuild_index: bool = False           # incremental: rebuild the index instead of refreshing
+    # a window of at most this many training steps trains eagerly: tracing the
+    # train step (~1 s for these towers) costs more than a few eager steps
+    eager_max_steps: int = 4
     verbose: int = 0
     tables: Optional[object] = None       # the whole data, already loaded (benchmarks)
-    # False: the run keeps its model state but no tower SavedModels, so it can be
-    # updated but never exported (replays that score it in memory); run_update exports
+    # False: the run keeps its model state but no tower SavedModels (nor the
+    # report's plot), so it can be updated but never exported (replays that score
+    # it in memory); run_update exports
     servable: bool = True
 
 
@@ -225,12 +229,15 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     (staging / run_dirs.RUN_MARKER).write_text(dump_config(config), encoding="utf-8")
     tf.keras.utils.set_random_seed(config.training.seed)
     tc = config.training
-    sample = next(iter(TrainingBatches(prepared, config).dataset(tc.batch_size, tc.seed)))
+    batches = TrainingBatches(prepared, config)
+    sample = next(iter(batches.dataset(tc.batch_size, tc.seed)))
     model = restore_model(parent, sample, lazy_sparse=kind == "incremental")
     stats, vocabulary = _grow(model, parent, prepared, options, since, until)
     frozen = freeze_all_but_ids(model) if kind == "incremental" else []
+    steps = -(-batches.num_rows // tc.batch_size) * tc.epochs
+    model.run_eagerly = steps <= options.eager_max_steps   # reset by the next compile
     seconds = {"prepare": round(time.perf_counter() - started, 2)}   # window, restore, grow
-    fitted = fit(model, prepared, config, staging, options.verbose)
+    fitted = fit(model, prepared, config, staging, options.verbose, resumable=False)
     seconds["train"] = round(fitted.train_seconds, 2)
     unfreeze(model, frozen)
 
