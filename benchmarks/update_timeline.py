@@ -17,8 +17,9 @@ period (ML-100K: the first third of the weeks); then, per period, the schedules:
 Each served model is scored on the clicks between its publication and the
 next one (temporal: each user's earlier clicks excluded, catalog = items
 alive in that span): HR@10 / HR@100 per period. Updates go through
-updates.update.train_candidate (restore, grow, train, gate); the last
-``--export-periods`` periods of full+inc also export and publish for real,
+updates.update.train_candidate (restore, grow, train, gate); the first
+``--exported-updates`` of full+inc from its first full update on also export
+and publish for real (while the other schedules train, not alone at the end),
 which gives the wall times per update kind split into prepare / train /
 gate / save / export / publish. The other updates are committed without an
 export (marked ``"exported": false`` in published.json, and without tower
@@ -122,7 +123,7 @@ def train_initial(config_path, world, key, until, period, path: Path, t0):
 
 
 def replay(name, config_path, world, start, period, periods, warmup, per_day,
-           export_periods, schedules, work: Path, t0, workers: int):
+           exported_updates, schedules, work: Path, t0, workers: int):
     """(rows, walls) of every schedule; schedules run side by side in
     ``workers`` processes (each replays one schedule at a time, in order)."""
     import multiprocessing
@@ -141,7 +142,7 @@ def replay(name, config_path, world, start, period, periods, warmup, per_day,
             [until] * len(keys), [period] * len(keys),
             [work / f"initial-{k}" / "runs" / "initial" for k in keys], [t0] * len(keys))))
         futures = {s: pool.submit(replay_schedule, name, s, config_path, world, start, period,
-                                  periods, warmup, per_day, export_periods,
+                                  periods, warmup, per_day, exported_updates,
                                   initial[_logq(s)], work, t0) for s in order}
         results = {s: f.result() for s, f in futures.items()}
     rows, walls = [], defaultdict(list)
@@ -166,7 +167,7 @@ def _restored(run: Path, world):
 
 
 def replay_schedule(name, schedule, config_path, world, start, period, periods, warmup,
-                    per_day, export_periods, initial: Path, work: Path, t0):
+                    per_day, exported_updates, initial: Path, work: Path, t0):
     """One schedule's (row, walls): its updates in time order, each served model
     scored on the clicks until the next one is published."""
     from trainer import run_dir as run_dirs
@@ -181,8 +182,12 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
     runs = work / schedule.replace(" ", "_") / "runs"
     shutil.copytree(initial, runs)
     models = work / schedule.replace(" ", "_") / "models"
+    # the updates that are not exported gate against no served version, as
+    # they would with nothing published (not against the exported period's)
+    unpublished = work / schedule.replace(" ", "_") / "unpublished"
     model = _restored(runs / "initial", world)
     events = update_times(schedule, start, period, periods, warmup, per_day)
+    exported_left = exported_updates
     served_from = start + warmup * period
     per_period = defaultdict(lambda: np.zeros(3))
     for (t, kind) in events + [(end, None)]:
@@ -195,7 +200,11 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
             a = b
         if kind is None:
             break
-        exported = (schedule == "full+inc" and t >= end - export_periods * period)
+        # the first updates from the first full one on, so that their exports
+        # run while the other schedules train instead of alone at the end
+        exported = (schedule == "full+inc" and t >= start + (warmup + 1) * period
+                    and exported_left > 0)
+        exported_left -= exported
         # a full update trains on the last period (a week for ML-100K, not the
         # CLI's default day); an incremental one on everything since its parent.
         # Runs that are never exported skip their tower SavedModels.
@@ -209,7 +218,7 @@ def replay_schedule(name, schedule, config_path, world, start, period, periods, 
                 seconds = dict(result.seconds, index=result.index)
                 model = None
             else:
-                cand = train_candidate(kind, runs, models, options)
+                cand = train_candidate(kind, runs, unpublished, options)
                 run_dirs.commit(cand.out)
                 write_json_atomic(cand.out / PUBLISHED_FILE, {"exported": False})
                 seconds, model = cand.seconds, cand.model
@@ -246,8 +255,9 @@ def main(argv=None):
                    help="comma-separated worlds to replay (ml100k needs --ml100k)")
     p.add_argument("--ml100k-per-week", type=int, default=None,
                    help="incremental updates per ML-100K week (default: --per-day)")
-    p.add_argument("--export-periods", type=int, default=1,
-                   help="last periods of full+inc that also export and publish")
+    p.add_argument("--exported-updates", type=int, default=3,
+                   help="updates of full+inc that also export and publish, from the first "
+                        "full one on (default 3: a full and two incremental ones)")
     p.add_argument("--workers", type=int, default=3,
                    help="processes replaying schedules side by side (default 3: the three "
                         "long schedules at once), the cores split between their TF thread "
@@ -288,7 +298,7 @@ def replay_drifting(args, schedules, work, t0):
     config.data.since = config.data.until = None
     cfg_path.write_text(dump_config(config))
     return replay("drifting", cfg_path, load_tables(config.data), START, 86400, args.days, 1,
-                  args.per_day, args.export_periods, schedules, work / "drifting", t0,
+                  args.per_day, args.exported_updates, schedules, work / "drifting", t0,
                   args.workers)
 
 

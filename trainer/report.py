@@ -54,9 +54,11 @@ def _logq(objective) -> str:
     return "on" if objective.logq_weight == 1.0 else f"on, weight {objective.logq_weight:g}"
 
 
-def write_report(out: Path, config, metrics: dict, history: dict) -> None:
+def write_report(out: Path, config, metrics: dict, history: dict, plot: bool = True) -> None:
+    """report.md, and training.png beside it unless ``plot`` is False."""
     ks = sorted(config.evaluation.ks)
-    plot_training(history, metrics, ks, out / "training.png")
+    if plot:
+        plot_training(history, metrics, ks, out / "training.png")
     text = [
         f"# Run `{config.name}`",
         "",
@@ -77,8 +79,7 @@ def write_report(out: Path, config, metrics: dict, history: dict) -> None:
         "recommended to anyone. Popularity bias: mean popularity percentile of "
         "recommended items (1 = most popular).",
         "",
-        "![training](training.png)",
-        "",
+        *(["![training](training.png)", ""] if plot else []),
     ]
     (out / "report.md").write_text("\n".join(text), encoding="utf-8")
 

@@ -48,18 +48,20 @@ def save_tower(tower: Tower, path: Path) -> None:
 MODEL_STATE = "model"   # config.json, optimizer.json, state.* (a tf.train.Checkpoint)
 
 
-def save_model_state(out: Path, model) -> None:
+def save_model_state(out: Path, model, optimizer=None) -> None:
     """What a model update restores: the model's config (vocabularies included),
     its optimizer's config and one checkpoint of weights plus optimizer slots.
 
     The per-epoch ``checkpoints/`` may predate an early-stopping restore; this
     is the model as saved (model updates restore it: docs/UPDATES.md).
+    ``optimizer``: the one whose config is recorded (default the model's); the
+    checkpoint holds the model's own optimizer's slots.
     """
     state = out / MODEL_STATE
     state.mkdir(parents=True, exist_ok=True)
     (state / "config.json").write_text(json.dumps(model.get_config()))
     (state / "optimizer.json").write_text(
-        json.dumps(tf.keras.optimizers.serialize(model.optimizer)))
+        json.dumps(tf.keras.optimizers.serialize(optimizer or model.optimizer)))
     tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(state / "state"))
 
 
@@ -101,14 +103,17 @@ def write_seen(path: Path, clicks) -> None:
 
 
 def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos,
-                       metrics: dict, history: dict, towers: bool = True) -> None:
+                       metrics: dict, history: dict, towers: bool = True,
+                       optimizer=None) -> None:
     """``train_pos``: the training clicks, a DataFrame or an iterable of them.
-    ``towers=False`` leaves out the tower SavedModels (half the save), for runs
-    that are only ever restored by a model update, never exported (replays)."""
+    ``towers=False`` leaves out the tower SavedModels (half the save) and the
+    report's plot, for runs that are only ever restored by a model update,
+    never exported or looked at (replays).
+    ``optimizer``: the config recorded for it (``save_model_state``)."""
     if towers:
         save_tower(model.query_tower, out / "towers" / "query")
         save_tower(model.candidate_tower, out / "towers" / "candidate")
-    save_model_state(out, model)
+    save_model_state(out, model, optimizer)
     dim = model.candidate_tower.embedding_dim
     (out / "feature_spec.json").write_text(json.dumps(feature_spec(config, dim), indent=2))
     item_cols = [s.name for s in config.features.item]
@@ -119,4 +124,4 @@ def save_run_artifacts(out: Path, config: RunConfig, model, tables, train_pos,
     write_seen(out / "seen.parquet", train_pos)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    write_report(out, config, metrics, history)
+    write_report(out, config, metrics, history, plot=towers)

@@ -158,12 +158,13 @@ def _epoch_history(csv_path: Path, fitted: dict) -> dict:
 def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Path,
         verbose: Optional[int] = None,
         extra_callbacks: Sequence[tf.keras.callbacks.Callback] = (),
-        distribution: Optional[Distribution] = None) -> FitResult:
+        distribution: Optional[Distribution] = None, resumable: bool = True) -> FitResult:
     """Fit on the prepared batches, with backup / checkpoints / logs under ``out``.
 
     A backup in ``out/backup`` (an interrupted fit) is resumed from; under a
     strategy (trainer.distributed) the input is the strategy's and the backup
-    the chief's.
+    the chief's. ``resumable=False``: no backup is kept, for a fit whose run
+    directory is never resumed (a model update starts over).
     """
     tc = config.training
     dist = distribution or Distribution()
@@ -171,8 +172,9 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
                else TrainingBatches(prepared, config))
     data = dist.fit_input(batches, tc.batch_size, tc.seed)
     ds = batches.dataset(tc.batch_size, tc.seed) if data is None else data.dataset
-    with dist.scope():   # build variables so BackupAndRestore can restore them all
-        model(next(iter(ds)) if data is None else data.sample)
+    if not model.built:   # make the variables so BackupAndRestore can restore them all
+        with dist.scope():
+            model(next(iter(ds)) if data is None else data.sample)
     dist.prepare_model(model, batches)
     backup = dist.backup_dir(out)
     # Every finished epoch's logs, across interruptions: a resumed fit only
@@ -182,7 +184,7 @@ def fit(model: TwoTowerModel, prepared: PreparedData, config: RunConfig, out: Pa
         history_csv.unlink(missing_ok=True)   # a fresh run: nothing to continue
     resume = _ResumeLog(tc.epochs)
     callbacks = [
-        tf.keras.callbacks.BackupAndRestore(str(backup)),
+        *([tf.keras.callbacks.BackupAndRestore(str(backup))] if resumable else []),
         resume,
         tf.keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:03d}"),
                                            save_weights_only=True),

@@ -31,9 +31,13 @@ class StateError(ValueError):
     """A run directory whose model cannot be restored; the message names the file."""
 
 
-def restore_model(run_dir: Path, sample_batch) -> TwoTowerModel:
+def restore_model(run_dir: Path, sample_batch, lazy_sparse: bool = False) -> TwoTowerModel:
     """The run's model and optimizer as saved. ``sample_batch``: one training
-    batch (trainer.batches) to make the variables with."""
+    batch (trainer.batches) to make the variables with. ``lazy_sparse``
+    (incremental updates): a saved Adam comes back as LazyAdam with the same
+    config, slots and step count, so an id row moves only when its id is in a
+    batch (Adam's momentum would move every row ever trained, and with it
+    every item's served vector); save it with ``configured_optimizer``."""
     state = Path(run_dir) / MODEL_STATE
     for name in ("config.json", "optimizer.json", "state.index"):
         if not (state / name).is_file():
@@ -42,6 +46,8 @@ def restore_model(run_dir: Path, sample_batch) -> TwoTowerModel:
     model = TwoTowerModel.from_config(json.loads((state / "config.json").read_text()))
     optimizer = tf.keras.optimizers.deserialize(
         json.loads((state / "optimizer.json").read_text()))
+    if lazy_sparse and type(optimizer) is tf.keras.optimizers.Adam:
+        optimizer = LazyAdam.from_config(optimizer.get_config())
     model.compile(optimizer=optimizer)
     model(sample_batch)
     optimizer.build(model.trainable_variables)
@@ -125,25 +131,14 @@ def _replace_optimizer(model: TwoTowerModel, cls: type, predecessor) -> None:
     model.compile(optimizer=new)
 
 
-def switch_optimizer(model: TwoTowerModel, cls: type) -> type:
-    """Give ``model`` an optimizer of class ``cls`` with the same config, slots
-    and iteration count (Adam <-> trainer.optimizers.LazyAdam, which share
-    both); returns the previous class. Call it with every weight trainable."""
-    previous = type(model.optimizer)
-    if previous is not cls:
-        _replace_optimizer(model, cls, lambda var: (var, None))
-    return previous
-
-
-def lazy_sparse_updates(model: TwoTowerModel) -> type:
-    """Before an incremental update: an Adam optimizer becomes LazyAdam, so an
-    id row moves only when its id is in a batch (Adam's momentum would move
-    every row ever trained, and with it every item's served vector). Adagrad
-    and plain SGD already update sparse gradients row by row. Returns the
-    class to ``switch_optimizer`` back to."""
-    if type(model.optimizer) is tf.keras.optimizers.Adam:
-        return switch_optimizer(model, LazyAdam)
-    return type(model.optimizer)
+def configured_optimizer(model: TwoTowerModel):
+    """The optimizer a run records: an incremental update's LazyAdam stands in
+    for the configured Adam (same config and slots, so the checkpoint is
+    Adam's too); Adagrad and plain SGD already update sparse gradients row by
+    row and are recorded as they are."""
+    if type(model.optimizer) is LazyAdam:
+        return tf.keras.optimizers.Adam.from_config(model.optimizer.get_config())
+    return model.optimizer
 
 
 def freeze_all_but_ids(model: TwoTowerModel) -> list[tf.keras.layers.Layer]:

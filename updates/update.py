@@ -39,8 +39,8 @@ from trainer.train import evaluate_model, fit, run_metrics
 from updates import gate as gates
 from updates.lineage import (PUBLISHED_FILE, UPDATE_FILE, latest_run, next_run_dir,
                              read_update, update_lock, write_json_atomic)
-from updates.model_state import (freeze_all_but_ids, id_encoders, lazy_sparse_updates,
-                                 restore_model, set_vocabularies, switch_optimizer, unfreeze)
+from updates.model_state import (configured_optimizer, freeze_all_but_ids, id_encoders,
+                                 restore_model, set_vocabularies, unfreeze)
 from updates.publish import (PublishOptions, describe_index, prune, publish_run,
                              repair_cut_publish)
 from updates.vocabulary import IdStats, plan_vocabulary
@@ -77,10 +77,14 @@ class UpdateOptions:
     expire_days: Optional[float] = None
     publish: PublishOptions = field(default_factory=PublishOptions)
     rebuild_index: bool = False           # incremental: rebuild the index instead of refreshing
+    # a window of at most this many training steps trains eagerly: tracing the
+    # train step (~1 s for these towers) costs more than a few eager steps
+    eager_max_steps: int = 4
     verbose: int = 0
     tables: Optional[object] = None       # the whole data, already loaded (benchmarks)
-    # False: the run keeps its model state but no tower SavedModels, so it can be
-    # updated but never exported (replays that score it in memory); run_update exports
+    # False: the run keeps its model state but no tower SavedModels (nor the
+    # report's plot), so it can be updated but never exported (replays that score
+    # it in memory); run_update exports
     servable: bool = True
 
 
@@ -225,17 +229,17 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     (staging / run_dirs.RUN_MARKER).write_text(dump_config(config), encoding="utf-8")
     tf.keras.utils.set_random_seed(config.training.seed)
     tc = config.training
-    sample = next(iter(TrainingBatches(prepared, config).dataset(tc.batch_size, tc.seed)))
-    model = restore_model(parent, sample)
+    batches = TrainingBatches(prepared, config)
+    sample = next(iter(batches.dataset(tc.batch_size, tc.seed)))
+    model = restore_model(parent, sample, lazy_sparse=kind == "incremental")
     stats, vocabulary = _grow(model, parent, prepared, options, since, until)
-    optimizer_class = lazy_sparse_updates(model) if kind == "incremental" else None
     frozen = freeze_all_but_ids(model) if kind == "incremental" else []
+    steps = -(-batches.num_rows // tc.batch_size) * tc.epochs
+    model.run_eagerly = steps <= options.eager_max_steps   # reset by the next compile
     seconds = {"prepare": round(time.perf_counter() - started, 2)}   # window, restore, grow
-    fitted = fit(model, prepared, config, staging, options.verbose)
+    fitted = fit(model, prepared, config, staging, options.verbose, resumable=False)
     seconds["train"] = round(fitted.train_seconds, 2)
     unfreeze(model, frozen)
-    if optimizer_class is not None:
-        switch_optimizer(model, optimizer_class)   # the run saves its configured optimizer
 
     started = time.perf_counter()
     evaluation = evaluate_model(model, prepared, config.evaluation.ks)
@@ -252,7 +256,8 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     started = time.perf_counter()
     metrics = run_metrics(config, prepared, fitted, evaluation)
     save_run_artifacts(staging, config, model, prepared.tables, prepared.splits.known,
-                       metrics, fitted.history, towers=options.servable)
+                       metrics, fitted.history, towers=options.servable,
+                       optimizer=configured_optimizer(model))
     stats.save(staging)
     test_ts = prepared.splits.test["timestamp"]
     write_json_atomic(staging / UPDATE_FILE, {
