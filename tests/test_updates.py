@@ -136,6 +136,32 @@ def test_incremental_update_trains_only_the_id_tables(runs, tmp_path):
                config["query_tower"]["encoders"].values())
 
 
+def test_small_window_trains_eagerly_to_the_traced_weights(runs, tmp_path, monkeypatch):
+    import updates.update as update
+
+    modes, fit = [], update.fit
+
+    def recording_fit(model, *args, **kwargs):
+        modes.append(model.run_eagerly)
+        return fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(update, "fit", recording_fit)
+    trained = {}
+    for name, eager_max_steps in (("traced", 0), ("eager", 10_000)):
+        copy = tmp_path / name
+        copy.mkdir()
+        runs_copy = copy_runs(runs, copy)
+        cand = update.train_candidate("incremental", runs_copy, copy / "models",
+                                      _options(until=DAY2 + 43200,
+                                               eager_max_steps=eager_max_steps))
+        trained[name] = _checkpoint(cand.staging)
+    assert modes == [False, True]
+    assert set(trained["traced"]) == set(trained["eager"])
+    for k, value in trained["traced"].items():
+        np.testing.assert_allclose(trained["eager"][k], value, rtol=1e-5, atol=1e-6,
+                                   err_msg=k)
+
+
 def test_full_update_trains_every_weight(runs, tmp_path):
     from updates.update import train_candidate
 
