@@ -343,9 +343,10 @@ def test_refreshed_index_recall_matches_a_fresh_build_at_a_lossy_setting():
     """Where ScaNN is clearly approximate (recall@10 ~0.9), refreshing costs little
     recall@k against a fresh build. ScaNN's builds are not deterministic (not even
     with one training thread) and at this setting one build's recall varies by
-    ~0.015 from the next; over 8 runs the refreshed index read 0.0-0.02 below a
-    fresh one (mean ~0.01), so the mean of 3 runs must be within 0.02."""
-    runs = [_refreshed_and_fresh(leaves_to_search=10, reorder=30)[:2] for _ in range(3)]
+    ~0.015 from the next: over 40 runs the refreshed index read 0.0045 +- 0.017
+    below a fresh one (90th percentile 0.024), so a mean over 3 runs failed a
+    0.02 bound about 4 % of the time; the mean of 10 runs must be within 0.02."""
+    runs = [_refreshed_and_fresh(leaves_to_search=10, reorder=30)[:2] for _ in range(10)]
     refreshed, fresh = np.mean(runs, axis=0)
     assert fresh < 0.995  # the setting really is lossy
     assert refreshed >= fresh - 0.02, runs
