@@ -88,38 +88,24 @@ def set_vocabularies(model: TwoTowerModel, changes: dict) -> None:
     appended and fresh rows start from the optimizer's initial slot values.
     The iteration count is carried (Adam's bias correction goes on).
     """
-    slot_lists(model.optimizer)   # an unsupported optimizer fails before anything changes
+    old_opt = model.optimizer
+    slots = slot_lists(old_opt)   # an unsupported optimizer fails before anything changes
     before = {id(v): v for v in model.trainable_variables}
     grown = {}   # new table variable -> (old table variable, fresh rows)
     for encoder, (terms, fresh) in changes.items():
         old_table = encoder.embedding.embeddings
         encoder.set_terms(terms, fresh)
         grown[id(encoder.embedding.embeddings)] = (old_table, np.asarray(list(fresh), np.int64))
-
-    def predecessor(var):
+    new_opt = type(old_opt).from_config(old_opt.get_config())
+    variables = model.trainable_variables
+    new_opt.build(variables)
+    new_opt.iterations.assign(old_opt.iterations)
+    for var in variables:
         old_var, fresh = grown.get(id(var), (before.get(id(var)), None))
         if old_var is None:
             raise StateError(f"variable {var.name} appeared without a known predecessor")
-        return old_var, fresh
-
-    _replace_optimizer(model, type(model.optimizer), predecessor)
-
-
-def _replace_optimizer(model: TwoTowerModel, cls: type, predecessor) -> None:
-    """Compile ``model`` with a new ``cls`` optimizer of the old one's config,
-    step count and slots. ``predecessor(var)`` -> (the old variable whose
-    slots ``var`` takes, fresh rows or None): a grown table takes the old
-    rows' slots, its appended and fresh rows keep the initial values."""
-    old = model.optimizer
-    slots = slot_lists(old)
-    new = cls.from_config(old.get_config())
-    variables = model.trainable_variables
-    new.build(variables)
-    new.iterations.assign(old.iterations)
-    for var in variables:
-        old_var, fresh = predecessor(var)
         for name in slots:
-            src, dst = _slot(old, name, old_var), _slot(new, name, var)
+            src, dst = _slot(old_opt, name, old_var), _slot(new_opt, name, var)
             if fresh is None:
                 dst.assign(src)
                 continue
@@ -128,7 +114,7 @@ def _replace_optimizer(model: TwoTowerModel, cls: type, predecessor) -> None:
             kept[fresh] = False
             value[:src.shape[0]][kept] = src.numpy()[kept]
             dst.assign(value)
-    model.compile(optimizer=new)
+    model.compile(optimizer=new_opt)
 
 
 def configured_optimizer(model: TwoTowerModel):
