@@ -123,3 +123,16 @@ def test_grown_vocabulary_keeps_old_rows_and_appends_new_ones(tmp_path):
     tf.train.Checkpoint(tower=rebuilt).read(path).assert_existing_objects_matched()
     new_feats = features_of(new_items, SPECS, "items")
     np.testing.assert_array_equal(embed(rebuilt, new_feats), embed(tower, new_feats))
+
+
+@pytest.mark.parametrize("hidden", [[], [16]])
+def test_dropout_acts_in_training_only_with_or_without_hidden_layers(hidden):
+    """Dropout sits on the input of every Dense layer, so a tower without
+    hidden layers (ids straight to the projection) is regularised too."""
+    tower = Tower(SPECS, TowerConfig(hidden_units=hidden, output_dim=6, dropout=0.5))
+    tower.adapt(TABLE, "items")
+    features = {k: tf.constant(v) for k, v in features_of(TABLE, SPECS, "items").items()}
+    tf.random.set_seed(0)
+    inference = tower(features, training=False).numpy()
+    np.testing.assert_array_equal(inference, tower(features, training=False).numpy())
+    assert not np.allclose(inference, tower(features, training=True).numpy())

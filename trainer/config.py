@@ -306,6 +306,8 @@ class FeaturesConfig(_Strict):
 class TowerConfig(_Strict):
     hidden_units: list[int] = Field(default_factory=list)
     output_dim: int = Field(64, gt=0)
+    # On the input of every Dense layer (the concatenated feature embeddings,
+    # then each hidden layer's output), so it also acts without hidden layers.
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     l2_normalize: bool = True
     # An ensemble inside one tower: ``members`` independent towers (own

@@ -128,11 +128,10 @@ class Tower(tf.keras.Model):
                              axis=-1) * scale
         parts = [self.encoders[s.name](features[s.name]) for s in self.specs]
         x = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
-        for layer in self.hidden:
-            x = layer(x)
+        for layer in self.hidden + [self.projection]:   # dropout on every Dense layer's input
             if self.dropout is not None:
                 x = self.dropout(x, training=training)
-        x = self.projection(x)
+            x = layer(x)
         if self.tower_config.l2_normalize:
             x = tf.math.l2_normalize(x, axis=-1)
         return x
