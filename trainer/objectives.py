@@ -108,8 +108,10 @@ class InBatchSoftmax(tf.keras.layers.Layer):
         ranked = tf.where(candidates, scores, tf.constant(-1e9, scores.dtype))
         k = tf.minimum(self.num_hard_negatives, c)
         top = tf.math.top_k(ranked, k=k).indices                   # [B, k]
-        kept = tf.reduce_any(tf.one_hot(top, c, on_value=True, off_value=False,
-                                        dtype=tf.bool), axis=1)
+        rows = tf.broadcast_to(tf.range(b)[:, None], tf.shape(top))
+        # scattered, not one-hot: a [B, k, C] one-hot made k = 256 at B = 1024 12x slower
+        kept = tf.scatter_nd(tf.stack([rows, top], axis=-1),
+                             tf.ones(tf.shape(top), tf.int32), tf.stack([b, c])) > 0
         return tf.logical_or(positive, tf.logical_and(kept, candidates))
 
 
