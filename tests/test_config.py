@@ -82,6 +82,23 @@ def test_options_that_would_be_ignored_are_errors(section, values, message):
         parse_config({**IDS_ONLY, section: values})
 
 
+@pytest.mark.parametrize("objective, weight", [
+    ({}, 1.25),                                        # in_batch_softmax: the tuned default
+    ({"logq_correction": False}, 1.0),                 # no correction to weigh
+    ({"kind": "listwise"}, 1.0),                       # not tuned: the textbook weight
+    ({"kind": "pointwise"}, 1.0),                      # no logQ term at all
+    ({"logq_weight": 0.5}, 0.5),                       # set: kept
+])
+def test_unset_logq_weight_is_resolved_per_objective(objective, weight):
+    """An unset logq_weight means 1.25 only where it was chosen on validation
+    (in_batch_softmax with the correction on); a dumped config keeps the value."""
+    from trainer.config import parse_config
+    config = parse_config({**IDS_ONLY, "objective": objective})
+    assert config.objective.logq_weight == weight
+    dumped = parse_config(config.model_dump(mode="json"))
+    assert dumped.objective.logq_weight == weight
+
+
 def test_temporal_validation_is_counted_in_days():
     from trainer.config import parse_config
     with pytest.raises(ConfigError, match=re.escape(

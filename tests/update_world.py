@@ -11,6 +11,7 @@ DRIFT = dict(TINY,
                    "exposures_per_user": 10, "days": 4, "seed": 3,
                    "drift": {"new_users_per_day": 20, "new_items_per_day": 10},
                    "until": DAY2},
+             objective={"logq_weight": 1.0},    # as configs/drifting.yaml: new items every day
              training={"epochs": 3, "batch_size": 128, "learning_rate": 0.01},
              evaluation={"protocol": "temporal", "test_days": 0.5, "ks": [10, 50]})
 
