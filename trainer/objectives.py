@@ -109,7 +109,7 @@ class InBatchSoftmax(tf.keras.layers.Layer):
         k = tf.minimum(self.num_hard_negatives, c)
         top = tf.math.top_k(ranked, k=k).indices                   # [B, k]
         rows = tf.broadcast_to(tf.range(b)[:, None], tf.shape(top))
-        # scattered, not one-hot: a [B, k, C] one-hot made k = 256 at B = 1024 12x slower
+        # scattered: a [B, k, C] one-hot took 8x as long at B = C = 1024, k = 256
         kept = tf.scatter_nd(tf.stack([rows, top], axis=-1),
                              tf.ones(tf.shape(top), tf.int32), tf.stack([b, c])) > 0
         return tf.logical_or(positive, tf.logical_and(kept, candidates))
