@@ -9,6 +9,7 @@ share one version number.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -146,12 +147,16 @@ def _export(ctx: _Context, model_base: Path, options: ExportOptions,
             lambda name: _timed(_build_model, name, ctx, dirs[name], tuning, prebuilt, checks))
         ctx.seconds["build_and_check"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
-        for name in options.models:
-            model = built[name][2]
-            if model is not None:  # timed here, one model at a time, never beside a build
-                with model:
-                    built[name][0]["latency"] = _latency(model, ctx.user_inputs,
-                                                         checks.latency_probes + 1)
+        with contextlib.ExitStack() as unprobed:   # a failed probe closes the others too
+            for _, _, model in built.values():
+                if model is not None:
+                    unprobed.enter_context(model)
+            for name in options.models:
+                model = built[name][2]
+                if model is not None:  # timed here, one model at a time, never beside a build
+                    with model:        # closed once timed (closing twice is harmless)
+                        built[name][0]["latency"] = _latency(model, ctx.user_inputs,
+                                                             checks.latency_probes + 1)
         ctx.seconds["latency_probes"] = round(time.perf_counter() - started, 2)
         for name in options.models:
             meta, seconds, _ = built[name]

@@ -243,6 +243,35 @@ def test_failed_check_publishes_nothing(tiny_run, exported, tmp_path):
         (base / "retrieval_exact").iterdir())
 
 
+def test_failed_latency_probe_publishes_nothing_and_closes_every_session(
+        tiny_run, exported, tmp_path, monkeypatch):
+    """A probe failing on the first model must not leave the other models'
+    sessions (held open from their checks for the probe) open."""
+    import export.exporter as exporter
+
+    opened = []
+
+    class Tracked(SessionModel):
+        def __init__(self, export_dir):
+            super().__init__(export_dir)
+            opened.append(self)
+
+    def broken_probe(model, inputs, n):
+        raise ExportCheckError(f"{model.export_dir}: probe failed")
+
+    monkeypatch.setattr(exporter, "SessionModel", Tracked)
+    monkeypatch.setattr(exporter, "_latency", broken_probe)
+    base = copy_exported(exported, tmp_path / "models", ["retrieval", "retrieval_exact"])
+    params = ScannParams(**exported[1].metadata["retrieval"]["index"]["params"])
+    with pytest.raises(ExportCheckError, match="probe failed"):
+        export_run(tiny_run.output_dir, base, ExportOptions(
+            k=K, models=["retrieval", "retrieval_exact"], scann_params=params,
+            progress=False))
+    assert len(opened) == 2 and all(m.session._closed for m in opened)
+    assert existing_versions(base / "retrieval") == [1]
+    assert existing_versions(base / "retrieval_exact") == [1]
+
+
 def test_catalog_refresh_makes_new_item_retrievable(tiny_run, exported, tmp_path):
     run_dir = tiny_run.output_dir
     items = pd.read_parquet(run_dir / "items.parquet")
