@@ -175,6 +175,24 @@ def test_full_update_trains_every_weight(runs, tmp_path):
     assert cand.gate.served is None and cand.gate.passed   # nothing served yet
 
 
+def test_a_run_written_before_logq_weight_keeps_weight_1(tmp_path):
+    """A parent config.yaml without objective.logq_weight trained with 1 (the
+    unset weight means 1.25 since): its updates keep 1 unless --config sets it."""
+    import yaml
+
+    from trainer.config import dump_config, parse_config
+    from update_world import DRIFT
+    from updates.update import _config
+
+    raw = yaml.safe_load(dump_config(parse_config({**DRIFT, "objective": {}})))
+    assert raw["objective"].pop("logq_weight") == 1.25
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert _config(tmp_path, _options()).objective.logq_weight == 1.0
+    over = tmp_path / "over.yaml"
+    over.write_text("objective: {logq_weight: 1.25}\n")
+    assert _config(tmp_path, _options(config=str(over))).objective.logq_weight == 1.25
+
+
 def test_window_without_new_data_names_it(runs, tmp_path):
     from updates.update import UpdateError, run_update
 

@@ -102,6 +102,9 @@ def _config(parent: Path, options: UpdateOptions) -> RunConfig:
     """The parent's config with ``--config`` merged over it (a data section of
     another kind replaces the parent's instead of merging into it)."""
     raw = yaml.safe_load((parent / "config.yaml").read_text())
+    # A run config written before logq_weight existed trained with weight 1; the
+    # lineage keeps it (an unset weight now means 1.25) unless --config says otherwise.
+    raw.setdefault("objective", {}).setdefault("logq_weight", 1.0)
     if options.config:
         over = yaml.safe_load(Path(options.config).read_text()) or {}
         if over.get("data", {}).get("kind", raw["data"]["kind"]) != raw["data"]["kind"]:
