@@ -165,7 +165,13 @@ def test_small_window_trains_eagerly_to_the_traced_weights(runs, tmp_path, monke
 def test_full_update_trains_every_weight(runs, tmp_path):
     from updates.update import train_candidate
 
-    cand = train_candidate("full", runs, tmp_path / "models", _options(until=DAY3))
+    over = tmp_path / "over.yaml"     # an objective option --config changes is trained with
+    over.write_text("objective: {temperature: 0.3, logq_weight: 1.25}\n")
+    cand = train_candidate("full", runs, tmp_path / "models",
+                           _options(until=DAY3, config=str(over)))
+    objective = json.loads((cand.staging / "model" / "config.json").read_text())["objective"]
+    assert (objective["config"]["temperature"], objective["config"]["logq_weight"]) == \
+        (0.3, 1.25)
     before, after = _checkpoint(runs / "initial"), _checkpoint(cand.staging)
     proj = "model/query_tower/projection/kernel/.ATTRIBUTES/VARIABLE_VALUE"
     assert not np.array_equal(before[proj], after[proj])
@@ -182,7 +188,7 @@ def test_a_run_written_before_logq_weight_keeps_weight_1(tmp_path):
 
     from trainer.config import dump_config, parse_config
     from update_world import DRIFT
-    from updates.update import _config
+    from updates.update import UpdateError, _config
 
     raw = yaml.safe_load(dump_config(parse_config({**DRIFT, "objective": {}})))
     assert raw["objective"].pop("logq_weight") == 1.25
@@ -191,6 +197,9 @@ def test_a_run_written_before_logq_weight_keeps_weight_1(tmp_path):
     over = tmp_path / "over.yaml"
     over.write_text("objective: {logq_weight: 1.25}\n")
     assert _config(tmp_path, _options(config=str(over))).objective.logq_weight == 1.25
+    over.write_text("objective: {kind: pointwise}\n")    # other batches: refused
+    with pytest.raises(UpdateError, match="objective.kind=pointwise trains on other batches"):
+        _config(tmp_path, _options(config=str(over)))
 
 
 def test_window_without_new_data_names_it(runs, tmp_path):

@@ -33,6 +33,8 @@ from trainer.config import (RunConfig, resolve_paths, deep_merge, dump_config, l
 from trainer.data import DataError, load_tables
 from trainer.data.tables import ensure_entity_table
 from trainer.data.windows import cut_window, describe_window
+from trainer.objective_registry import OBJECTIVES
+from trainer.objectives import make_objective
 from trainer.prepare import prepare_data
 from trainer.saving import save_run_artifacts
 from trainer.train import evaluate_model, fit, run_metrics
@@ -111,6 +113,11 @@ def _config(parent: Path, options: UpdateOptions) -> RunConfig:
             raw["data"] = {}
         raw = deep_merge(raw, over)
     config = parse_config(raw, f"{parent / 'config.yaml'} + {options.config}")
+    parent_kind = load_config(parent / "config.yaml").objective.kind
+    if OBJECTIVES[config.objective.kind].batch != OBJECTIVES[parent_kind].batch:
+        raise UpdateError(f"{options.config}: objective.kind={config.objective.kind} trains "
+                          f"on other batches than the parent run's {parent_kind}; an update "
+                          "cannot change that: train a new run")
     if options.config:   # relative data paths are relative to the file that names them
         config = resolve_paths(config, Path(options.config).parent)
     if options.data_path:
@@ -118,6 +125,13 @@ def _config(parent: Path, options: UpdateOptions) -> RunConfig:
             raise UpdateError(f"--data given but data.kind={config.data.kind} reads no path")
         config.data.path = str(Path(options.data_path).resolve())
     return config
+
+
+def _use_configured_objective(model, config: RunConfig) -> None:
+    """Train with the loss the update's config names (the parent's, unless
+    ``--config`` changed an option of it), not the one restored with the
+    parent's weights; loss layers hold no weights (``_config`` keeps the kind)."""
+    model.objective = make_objective(config.objective)
 
 
 def _parent_end(parent: Path, config: RunConfig) -> int:
@@ -235,6 +249,7 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     batches = TrainingBatches(prepared, config)
     sample = next(iter(batches.dataset(tc.batch_size, tc.seed)))
     model = restore_model(parent, sample, lazy_sparse=kind == "incremental")
+    _use_configured_objective(model, config)
     stats, vocabulary = _grow(model, parent, prepared, options, since, until)
     frozen = freeze_all_but_ids(model) if kind == "incremental" else []
     steps = -(-batches.num_rows // tc.batch_size) * tc.epochs
