@@ -28,8 +28,8 @@ import yaml
 
 from trainer import run_dir as run_dirs
 from trainer.batches import TrainingBatches
-from trainer.config import (RunConfig, resolve_paths, deep_merge, dump_config, load_config,
-                            parse_config)
+from trainer.config import (ObjectiveConfig, RunConfig, resolve_paths, deep_merge, dump_config,
+                            load_config, parse_config)
 from trainer.data import DataError, load_tables
 from trainer.data.tables import ensure_entity_table
 from trainer.data.windows import cut_window, describe_window
@@ -107,13 +107,13 @@ def _config(parent: Path, options: UpdateOptions) -> RunConfig:
     # A run config written before logq_weight existed trained with weight 1; the
     # lineage keeps it (an unset weight now means 1.25) unless --config says otherwise.
     raw.setdefault("objective", {}).setdefault("logq_weight", 1.0)
+    parent_kind = raw["objective"].get("kind", ObjectiveConfig().kind)
     if options.config:
         over = yaml.safe_load(Path(options.config).read_text()) or {}
         if over.get("data", {}).get("kind", raw["data"]["kind"]) != raw["data"]["kind"]:
             raw["data"] = {}
         raw = deep_merge(raw, over)
     config = parse_config(raw, f"{parent / 'config.yaml'} + {options.config}")
-    parent_kind = load_config(parent / "config.yaml").objective.kind
     if OBJECTIVES[config.objective.kind].batch != OBJECTIVES[parent_kind].batch:
         raise UpdateError(f"{options.config}: objective.kind={config.objective.kind} trains "
                           f"on other batches than the parent run's {parent_kind}; an update "
@@ -125,13 +125,6 @@ def _config(parent: Path, options: UpdateOptions) -> RunConfig:
             raise UpdateError(f"--data given but data.kind={config.data.kind} reads no path")
         config.data.path = str(Path(options.data_path).resolve())
     return config
-
-
-def _use_configured_objective(model, config: RunConfig) -> None:
-    """Train with the loss the update's config names (the parent's, unless
-    ``--config`` changed an option of it), not the one restored with the
-    parent's weights; loss layers hold no weights (``_config`` keeps the kind)."""
-    model.objective = make_objective(config.objective)
 
 
 def _parent_end(parent: Path, config: RunConfig) -> int:
@@ -249,7 +242,9 @@ def train_candidate(kind: Kind, runs_dir: Path, model_base: Path,
     batches = TrainingBatches(prepared, config)
     sample = next(iter(batches.dataset(tc.batch_size, tc.seed)))
     model = restore_model(parent, sample, lazy_sparse=kind == "incremental")
-    _use_configured_objective(model, config)
+    # train with the loss the config names (--config may change its options), not
+    # the one restored with the parent's weights: loss layers hold no weights
+    model.objective = make_objective(config.objective)
     stats, vocabulary = _grow(model, parent, prepared, options, since, until)
     frozen = freeze_all_but_ids(model) if kind == "incremental" else []
     steps = -(-batches.num_rows // tc.batch_size) * tc.epochs
