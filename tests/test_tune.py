@@ -39,6 +39,19 @@ def test_paths_walk_sections_and_features_by_name():
     assert config.objective.temperature == 0.3
 
 
+def test_the_default_space_tunes_the_logq_weight_only_where_the_logits_have_one():
+    raw = parse_config(TINY).model_dump(mode="json")
+    assert raw["objective"]["kind"] == "in_batch_softmax"
+    weight = default_space(raw)["logq_weight"]
+    assert (weight.paths, weight.low, weight.high) == (["objective.logq_weight"], 0.75, 1.5)
+    assert trial_config(raw, default_space(raw), {"logq_weight": 0.9},
+                        "val_hr@10").objective.logq_weight == 0.9
+    raw["objective"]["logq_correction"] = False
+    assert "logq_weight" not in default_space(raw)
+    raw["objective"].update(kind="pairwise_hinge", logq_correction=True)
+    assert "logq_weight" not in default_space(raw)
+
+
 def test_a_bad_path_names_what_is_there():
     raw = parse_config(TINY).model_dump(mode="json")
     with pytest.raises(KeyError, match=r"features.user has no feature 'country' "
