@@ -47,16 +47,19 @@ class TrainedRun:
     def embed(self, side: str, inputs: dict, batch_size: int = 8192,
               progress=None) -> np.ndarray:
         """Embeddings [n, d] of a dict of raw numpy columns, ``side`` "query" or
-        "candidate"; one traced function per side, reused across calls."""
+        "candidate". Calls the tower's saved concrete function: wrapping the
+        restored ``embed`` in a new tf.function traced it again (and TF warned
+        of retracing on every export)."""
         fn = self._embed_fns.get(side)
         if fn is None:
             tower = self.query_tower if side == "query" else self.candidate_tower
-            sig = self.query_signature if side == "query" else self.candidate_signature
-            fn = self._embed_fns[side] = tf.function(tower.embed, input_signature=[sig])
+            fn = self._embed_fns[side] = tower.embed.get_concrete_function()
+        sig = self.query_signature if side == "query" else self.candidate_signature
         n = len(next(iter(inputs.values())))
         out = np.empty((n, self.embedding_dim), np.float32)
         for start in range(0, n, batch_size):
-            chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
+            chunk = {k: tf.convert_to_tensor(v[start:start + batch_size], sig[k].dtype)
+                     for k, v in inputs.items()}
             out[start:start + batch_size] = fn(chunk)["embedding"].numpy()
             if progress is not None:
                 progress.update(min(batch_size, n - start))
