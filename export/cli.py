@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -64,6 +65,7 @@ def _all():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
     from export.exporter import ExportOptions, export_run
     from export.run_artifacts import RunError
     from export.verify import ExportCheckError

@@ -60,6 +60,7 @@ def _log_to_stderr(logger: logging.Logger) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _log_to_stderr(logging.getLogger("trainer"))
+    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
 

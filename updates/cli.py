@@ -94,6 +94,7 @@ def main(argv=None) -> int:
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).propagate = False
+    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
     from export.run_artifacts import RunError
     from export.verify import ExportCheckError
     from export.versioning import VersionError
