@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -65,7 +64,9 @@ def _all():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
+    import tensorflow as tf   # after --help: it takes seconds
+    if tf.get_logger().handlers:   # TF's own; absl's first log gives root one too
+        tf.get_logger().propagate = False   # so each TF message prints once, not twice
     from export.exporter import ExportOptions, export_run
     from export.run_artifacts import RunError
     from export.verify import ExportCheckError

@@ -142,7 +142,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
     try:
         options = options_from_args(args)
     except (OSError, ValueError) as exc:

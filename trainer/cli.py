@@ -60,7 +60,9 @@ def _log_to_stderr(logger: logging.Logger) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _log_to_stderr(logging.getLogger("trainer"))
-    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
+    import tensorflow as tf   # after --help: it takes seconds
+    if tf.get_logger().handlers:   # TF's own; absl's first log gives root one too
+        tf.get_logger().propagate = False   # so each TF message prints once, not twice
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
 

@@ -360,7 +360,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from trainer.data import DataError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
     try:
         config = load_config(args.config, args.override, args.data_path)
         started = time.perf_counter()

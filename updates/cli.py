@@ -94,7 +94,9 @@ def main(argv=None) -> int:
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).propagate = False
-    logging.getLogger("tensorflow").propagate = False   # TF has its own handler: once, not twice
+    import tensorflow as tf   # after --help: it takes seconds
+    if tf.get_logger().handlers:   # TF's own; absl's first log gives root one too
+        tf.get_logger().propagate = False   # so each TF message prints once, not twice
     from export.run_artifacts import RunError
     from export.verify import ExportCheckError
     from export.versioning import VersionError
