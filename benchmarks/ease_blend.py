@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.transfer_defaults import candidate_raw  # noqa: E402
+from benchmarks.transfer_defaults import candidate_raw, fit_fresh  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_tables  # noqa: E402
 from trainer.ease import fit_ease  # noqa: E402
@@ -52,22 +51,12 @@ def blend(towers, ease, alpha: float):
 
 
 def fitted_scores(config, tables, seed: int, test: bool):
-    """(towers score_fn, EASE score_fn, the eval set): the towers fitted on the
-    validation split's clicks (test=False) or the whole training part."""
-    import tensorflow as tf
+    """(towers score_fn, EASE score_fn, the eval set, EASE's L2): the towers
+    fitted on the validation split's clicks (test=False) or the whole training part."""
+    from trainer.train import model_scores
 
-    from trainer.prepare import prepare_data
-    from trainer.train import build_model, fit, model_scores
-
-    tf.keras.backend.clear_session()
-    tf.keras.utils.set_random_seed(seed)
-    prepared = prepare_data(config, tables)
-    model = build_model(config, prepared)
-    scratch = Path(tempfile.mkdtemp(prefix="ease_blend_"))
-    try:
-        fit(model, prepared, config, scratch, verbose=0)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    model, prepared, _ = fit_fresh(config, tables, seed,
+                                   Path(tempfile.mkdtemp(prefix="ease_blend_")))
     data = prepared.test_set() if test else prepared.validation_set()
     ev = config.evaluation
     ease = fit_ease(data, len(prepared.encoded.user_index),

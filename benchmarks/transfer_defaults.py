@@ -69,24 +69,32 @@ def candidate_raw(base, candidate: dict, seed: int) -> tuple[dict, dict, dict]:
     return raw, default_space(raw), params
 
 
-def validate(base, candidate: dict, seed: int, tables, scratch: Path) -> dict:
-    """Fit on the validation split (test split untouched): final-epoch val HR@K."""
+def fit_fresh(config, tables, seed: int, scratch: Path):
+    """(model, prepared data, per-epoch history) of ``config`` trained from seed
+    ``seed`` in a fresh Keras session; ``scratch`` holds its checkpoints and is
+    removed afterwards."""
     import tensorflow as tf
 
     from trainer.prepare import prepare_data
     from trainer.train import build_model, fit
 
-    raw, space, params = candidate_raw(base, candidate, seed)
-    config = trial_config(raw, space, params, "val_hr@100")
     tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(seed)
-    started = time.perf_counter()
     prepared = prepare_data(config, tables)
+    model = build_model(config, prepared)
     try:
-        history = fit(build_model(config, prepared), prepared, config, scratch,
-                      verbose=0).history
+        history = fit(model, prepared, config, scratch, verbose=0).history
     finally:
         shutil.rmtree(scratch, ignore_errors=True)   # checkpoints of a throw-away model
+    return model, prepared, history
+
+
+def validate(base, candidate: dict, seed: int, tables, scratch: Path) -> dict:
+    """Fit on the validation split (test split untouched): final-epoch val HR@K."""
+    raw, space, params = candidate_raw(base, candidate, seed)
+    config = trial_config(raw, space, params, "val_hr@100")
+    started = time.perf_counter()
+    _, _, history = fit_fresh(config, tables, seed, scratch)
     return {**{m: float(history[m][-1]) for m in METRICS},
             "seconds": round(time.perf_counter() - started, 1)}
 
